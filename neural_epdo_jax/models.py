@@ -1,0 +1,140 @@
+"""The MNIST-rot networks of the paper (the reference's ``pdo_net``, SPEC section 6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from neural_epdo_jax import fields, groups, layers, stencils
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """Static description of one of the six blocks."""
+
+    in_type: fields.FieldType
+    out_type: fields.FieldType
+    norm_type: fields.FieldType  # the BN's field type (D-gauss block 6: the D_N type)
+    restrict_before: bool = False
+
+
+class NeuralEPDONet(nn.Module):
+    """Six equivariant blocks, group pooling, global max pooling and an MLP head.
+
+    conv1 = linear ePDO trivial -> c1 fields; blocks 2-6 Neural ePDOs (or linear ePDOs with
+    ``g = -1``: the PDO-eConv baseline); each followed by per-field BN and ReLU; 2x2 max pool
+    after blocks 2 and 4; channel Dropout2d after blocks 3-6; with ``flip`` (D_N), the fields
+    are restricted to C_N before block 6 (channel counts of blocks 5->6 doubled).
+
+    Attributes: see the README's model section; ``channels`` counts fields per block.
+    """
+
+    n: int = 16
+    flip: bool = False
+    field_type: str = "regular"
+    channels: Sequence[int] = (16, 24, 32, 32, 48, 64)
+    order: int = 4
+    g: int = 4
+    s: int = 4
+    reduction: int = 1
+    discretisation: str = "fd"
+    kernel_size: int = 5
+    dropout: float = 0.1
+    dropout_per_field: bool = False
+    num_classes: int = 10
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        super().__post_init__()
+        self.plan()  # validates every combination before anything is traced
+
+    def plan(self) -> tuple[BlockPlan, ...]:
+        """Validated static plan of the six blocks (raises ValueError on a bad combination)."""
+        if len(self.channels) != 6 or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be 6 positive field counts, got {self.channels}.")
+        if self.discretisation not in stencils.discretisations():
+            raise ValueError(
+                f"unknown discretisation {self.discretisation!r}; known: "
+                f"{', '.join(stencils.discretisations())}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.g != -1 and self.g < 1:
+            raise ValueError(
+                f"g must be >= 1 (fields per partition) or -1 (linear ePDOs), got {self.g}."
+            )
+        layers._dtype(self.dtype)
+        group = groups.Group(self.n, self.flip)
+        unit = fields.parse_unit(self.field_type)
+        if self.flip and any(name != "regular" for name, _ in unit):
+            raise ValueError(
+                f"field_type {self.field_type!r} with flip=True: the dihedral model supports only "
+                "'regular' fields (quotients of D_N are not implemented)."
+            )
+        types = [fields.FieldType(group, unit, c) for c in self.channels]
+        plan = [BlockPlan(fields.FieldType(group, "trivial", 1), types[0], types[0])]
+        for i in range(1, 6):
+            t_in, t_out, t_norm = types[i - 1], types[i], types[i]
+            restrict = self.flip and i == 5
+            if restrict:
+                c_n = groups.Group(self.n, False)
+                t_in = fields.FieldType(c_n, unit, 2 * self.channels[4])
+                t_out = fields.FieldType(c_n, unit, 2 * self.channels[5])
+            if self.g != -1:
+                layers.validate_nlpdo(t_in, self.reduction, self.g, self.s)
+            plan.append(BlockPlan(t_in, t_out, t_norm, restrict))
+        return tuple(plan)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """[B, H, W, 1] images -> [B, num_classes] float32 logits (invariant)."""
+        if x.ndim != 4 or x.shape[-1] != 1:
+            raise ValueError(
+                "NeuralEPDONet expects images of shape [batch, height, width, 1], got "
+                f"{tuple(x.shape)}."
+            )
+        if x.shape[1] != x.shape[2] or x.shape[1] % 4:
+            warnings.warn(
+                f"input size {x.shape[1]}x{x.shape[2]}: exact quarter-turn invariance needs square "
+                "inputs with a side divisible by 4 (two 2x2 poolings).",
+                stacklevel=2,
+            )
+        dt = self.dtype
+        common = dict(discretisation=self.discretisation, kernel_size=self.kernel_size, dtype=dt)
+        plan = self.plan()
+        x = x.astype(jnp.dtype(dt))
+        for i, blk in enumerate(plan):
+            if blk.restrict_before:
+                x, _ = layers.restrict_dihedral(x, plan[i - 1].out_type)
+            if i == 0 or self.g == -1:
+                conv = layers.PDOConv(blk.in_type, blk.out_type, max_order=self.order, **common)
+            else:
+                conv = layers.NeuralEPDO(
+                    blk.in_type, blk.out_type, self.order, self.reduction, self.g, self.s, **common
+                )
+            x = conv(x)
+            x = nn.relu(layers.FieldBatchNorm(blk.norm_type)(x, train=train))
+            if i >= 2:
+                x = layers.ChannelDropout(self.dropout, blk.out_type, self.dropout_per_field)(
+                    x, train=train
+                )
+            if i in (1, 3):
+                x = layers.max_pool_2x2(x)
+        x = layers.group_pool(x, plan[-1].out_type)  # [B, H, W, F]
+        x = jnp.max(x, axis=(1, 2)).astype(jnp.float32)  # [B, F]
+        x = layers.TorchDense(64)(x)
+        head = fields.FieldType(groups.Group(1), "trivial", 64)  # plain BatchNorm1d
+        x = layers.FieldBatchNorm(head)(x, train=train)
+        x = nn.relu(x)
+        return layers.TorchDense(self.num_classes)(x)
+
+
+def count_params(params) -> int:
+    """Number of trainable parameters."""
+    return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,149 @@
+"""Equivariance checks for users' own layers and networks.
+
+* `equivariance_errors` / `assert_equivariant`: exact checks under the grid elements of the
+  group (quarter turns and mirrors, `jnp.rot90` / `jnp.flip`, no interpolation).
+* `equivariance_error_at_angle`: a *measurement* at an arbitrary group rotation, using an
+  interpolated rotation and a centre-disc mask; report it, do not assert tight bounds on it.
+
+A "type" argument is a `fields.FieldType` (fibres transform by its representation) or
+``None`` for outputs that must be invariant (e.g. logits, with no spatial axes) -- in that
+case the output is compared as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neural_epdo_jax import fields, groups
+
+
+def _act(x: jax.Array, ftype: fields.FieldType | None, group: groups.Group, g, *, spatial: bool):
+    if ftype is None:
+        return fields.transform_space(x, group, g) if spatial else x
+    return ftype.transform(x, g) if spatial else ftype.act_on_channels(x, g)
+
+
+def _rel(a: jax.Array, b: jax.Array) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def equivariance_errors(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    in_type: fields.FieldType | None,
+    out_type: fields.FieldType | None,
+    *,
+    group: groups.Group | None = None,
+    elements: Sequence[groups.Element] | None = None,
+    spatial_output: bool = True,
+    fibres: bool = True,
+) -> dict[groups.Element, float]:
+    """Relative error ``|fn(g.x) - g.fn(x)| / |g.fn(x)|`` for each grid element ``g``.
+
+    Args:
+      fn: maps an NHWC array to an NHWC array (or to [B, C] with ``spatial_output=False``).
+      x: input [B, H, W, C] (H == W so that quarter turns are defined).
+      in_type, out_type: field types of input and output (None: trivial action on fibres).
+      group: defaults to the group of ``in_type`` / ``out_type``.
+      elements: defaults to all grid elements except the identity.
+      spatial_output: False when the output has no spatial axes (e.g. logits).
+      fibres: False rotates space only -- a negative control that must fail for
+        non-trivial field types.
+    """
+    group = group or (in_type or out_type).group
+    if elements is None:
+        elements = [e for e in group.grid_elements() if e != group.identity]
+    fx = fn(x)
+    errs = {}
+    for g in elements:
+        if fibres:
+            gx = _act(x, in_type, group, g, spatial=True)
+            expect = _act(fx, out_type, group, g, spatial=spatial_output)
+        else:
+            gx = fields.transform_space(x, group, g)
+            expect = fields.transform_space(fx, group, g) if spatial_output else fx
+        errs[g] = _rel(fn(gx), expect)
+    return errs
+
+
+def assert_equivariant(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    in_type: fields.FieldType | None,
+    out_type: fields.FieldType | None,
+    *,
+    rtol: float = 1e-4,
+    **kwargs,
+) -> dict[groups.Element, float]:
+    """Raise AssertionError unless `equivariance_errors` are all <= rtol; returns them."""
+    errs = equivariance_errors(fn, x, in_type, out_type, **kwargs)
+    bad = {g: e for g, e in errs.items() if not e <= rtol}
+    if bad:
+        raise AssertionError(
+            f"not equivariant: relative error above {rtol} for elements {bad} (all: {errs})"
+        )
+    return errs
+
+
+def rotate_image(x: jax.Array, angle: float, *, order: int = 1) -> jax.Array:
+    """Rotate NHWC images counter-clockwise (as displayed) by ``angle`` radians about the
+    centre, with interpolation (``order`` 0 or 1) and zero fill."""
+    h, w = x.shape[-3], x.shape[-2]
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+    # Output pixel p samples the input at g^-1 p (x right, y up).
+    xo, yo = cols - cx, cy - rows
+    c, s = np.cos(angle), np.sin(angle)
+    xi, yi = c * xo + s * yo, -s * xo + c * yo
+    coords = [cy - yi, cx + xi]
+    flat = x.reshape((-1, h, w, x.shape[-1]))
+    sample = lambda img: jax.scipy.ndimage.map_coordinates(img, coords, order=order, cval=0.0)
+    out = jax.vmap(jax.vmap(sample, in_axes=-1, out_axes=-1))(flat)
+    return out.reshape(x.shape)
+
+
+def disc_mask(h: int, w: int, radius_fraction: float = 0.8) -> np.ndarray:
+    """[H, W] boolean mask of the centred disc of radius ``radius_fraction * min(H, W) / 2``."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    r = np.hypot(rows - (h - 1) / 2, cols - (w - 1) / 2)
+    return r <= radius_fraction * min(h, w) / 2
+
+
+def equivariance_error_at_angle(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    in_type: fields.FieldType | None,
+    out_type: fields.FieldType | None,
+    k: int,
+    *,
+    group: groups.Group | None = None,
+    spatial_output: bool = True,
+    radius_fraction: float = 0.8,
+) -> float:
+    """Measured relative error under the rotation ``r^k`` (angle 2*pi*k/N), interpolated.
+
+    Both sides are rotated with bilinear interpolation (the input before ``fn``, the output
+    after it) and compared inside a centre disc, so the number includes interpolation error:
+    report it, compare it with a non-equivariant baseline, never assert it tightly.
+    """
+    group = group or (in_type or out_type).group
+    g = (0, k % group.n)
+    angle = 2 * np.pi * k / group.n
+    gx = rotate_image(x, angle)
+    if in_type is not None:
+        gx = in_type.act_on_channels(gx, g)
+    fx = fn(x)
+    if spatial_output:
+        expect = rotate_image(fx, angle)
+        if out_type is not None:
+            expect = out_type.act_on_channels(expect, g)
+        mask = disc_mask(fx.shape[-3], fx.shape[-2], radius_fraction)[..., None]
+        return _rel(np.asarray(fn(gx)) * mask, np.asarray(expect) * mask)
+    expect = fx if out_type is None else out_type.act_on_channels(fx, g)
+    return _rel(fn(gx), expect)
