@@ -1,0 +1,182 @@
+"""Layers: exact equivariance (with negative controls), reference semantics, bad input."""
+
+import functools
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from neural_epdo_jax import fields, groups, layers, testing
+
+C4, C8, D4 = groups.Group(4), groups.Group(8), groups.Group(4, True)
+KEY = jax.random.PRNGKey(0)
+
+
+def _x(ftype, hw=8, batch=2, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (batch, hw, hw, ftype.size))
+
+
+def _perturbed(variables, seed=3):
+    """Random parameters (not the init's) so that the check sees a generic layer."""
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+    )
+
+
+class EquivarianceTest(chex.TestCase, parameterized.TestCase):
+    def _check(self, module, in_type, out_type, x, pointwise=False, **kw):
+        variables = _perturbed(jax.jit(functools.partial(module.init, **kw))(KEY, x))
+        if kw.get("train"):  # batch statistics: apply in training mode, drop the updates
+            fn = self.variant(
+                lambda v: module.apply(variables, v, mutable=["batch_stats"], **kw)[0]
+            )
+        else:
+            fn = self.variant(lambda v: module.apply(variables, v, **kw))
+        errs = testing.assert_equivariant(fn, x, in_type, out_type, rtol=1e-4)
+        # Negative controls: rotating space but not the fibres, and expecting the wrong
+        # (trivial) action on the output, must both be caught.
+        if not pointwise:
+            bad = testing.equivariance_errors(fn, x, in_type, out_type, fibres=False)
+            self.assertGreater(max(bad.values()), 1e-2)
+        bad = testing.equivariance_errors(fn, x, in_type, None, group=in_type.group)
+        self.assertGreater(max(bad.values()), 1e-2)
+        return errs
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("C4_trivial_regular_fd", C4, "trivial", "regular", "fd"),
+        ("C8_regular_regular_gauss", C8, "regular", "regular", "gauss"),
+        ("C8_quotient_rbf", C8, "regular+quo_2", "regular+quo_2", "rbf-fd"),
+        ("D4_regular_regular_gauss", D4, "regular", "regular", "gauss"),
+    )
+    def test_pdo_conv(self, group, t_in, t_out, disc):
+        fi, fo = fields.FieldType(group, t_in, 2), fields.FieldType(group, t_out, 3)
+        self._check(layers.PDOConv(fi, fo, disc), fi, fo, _x(fi))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("C8_regular", C8, "regular", "regular", 1),
+        ("C8_quotient_grouped", C8, "regular+quo_4", "regular", 2),
+        ("D4_regular_grouped", D4, "regular", "regular", 2),
+    )
+    def test_equivariant_linear(self, group, t_in, t_out, s):
+        fi, fo = fields.FieldType(group, t_in, 4), fields.FieldType(group, t_out, 2)
+        self._check(layers.EquivariantLinear(fi, fo, groups=s), fi, fo, _x(fi), pointwise=True)
+
+    @chex.variants(with_jit=True)
+    @parameterized.named_parameters(
+        ("C4_regular_fd", C4, "regular", 4, 2, 2, 1, "fd"),
+        ("C8_quotient_gauss", C8, "regular+quo_4", 4, 2, 1, 2, "gauss"),
+        ("D4_regular_gauss", D4, "regular", 4, 2, 1, 1, "gauss"),
+    )
+    def test_neural_epdo(self, group, t, f, g, s, r, disc):
+        fi, fo = fields.FieldType(group, t, f), fields.FieldType(group, t, 2)
+        self._check(layers.NeuralEPDO(fi, fo, 4, r, g, s, disc), fi, fo, _x(fi))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_norms_and_field_dropout(self):
+        ft = fields.FieldType(D4, "regular", 3)
+        x = _x(ft)
+        self._check(layers.FieldGroupNorm(ft), ft, ft, x, pointwise=True)
+        self._check(layers.FieldBatchNorm(ft), ft, ft, x, pointwise=True, train=True)
+        drop = layers.ChannelDropout(0.5, ft, per_field=True)
+        fn = self.variant(lambda v: drop.apply({}, v, train=True, rngs={"dropout": KEY}))
+        testing.assert_equivariant(fn, x, ft, ft, rtol=1e-6)
+        # The reference's channel-wise Dropout2d is not equivariant in training mode.
+        chan = layers.ChannelDropout(0.5, ft, per_field=False)
+        fn = self.variant(lambda v: chan.apply({}, v, train=True, rngs={"dropout": KEY}))
+        self.assertGreater(max(testing.equivariance_errors(fn, x, ft, ft).values()), 1e-2)
+
+
+def test_group_pool_and_restriction():
+    ft = fields.FieldType(D4, "regular", 2)
+    x = _x(ft)
+    pooled = lambda v: layers.group_pool(v, ft)
+    testing.assert_equivariant(pooled, x, ft, None, rtol=1e-6)
+    restricted, rt = layers.restrict_dihedral(x, ft)
+    assert rt == fields.FieldType(C4, "regular", 4)
+    fn = lambda v: layers.restrict_dihedral(v, ft)[0]
+    testing.assert_equivariant(fn, x, ft, rt, group=C4, rtol=1e-6)
+    # Negative control: reading the D4 field as two C4 fields without reversing the second
+    # block is not equivariant (r shifts that block backwards).
+    plain = fields.FieldType(C4, "regular", 4)
+    errs = testing.equivariance_errors(lambda v: v, x, ft, plain, group=C4)
+    assert max(errs.values()) > 1e-2
+
+
+def test_spatially_varying_matches_unfold():
+    b, h, w, f, d, g, k = 2, 6, 5, 4, 3, 2, 5
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(b, h, w, f, d)).astype(np.float32)
+    wt = rng.normal(size=(b, h, w, g, d, k * k)).astype(np.float32)
+    got = np.asarray(layers.apply_spatially_varying(jnp.asarray(x), jnp.asarray(wt), g, k))
+    xp = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0), (0, 0)))
+    want = np.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            patch = xp[:, i : i + k, j : j + k].reshape(b, k * k, f, d)  # [B, taps, F, d]
+            for fi in range(f):
+                want[:, i, j, fi] = np.einsum("btd,bdt->bd", patch[:, :, fi], wt[:, i, j, fi % g])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_matches_pytorch_semantics():
+    ft = fields.FieldType(C4, "regular", 2)
+    x = _x(ft, batch=3)
+    bn = layers.FieldBatchNorm(ft)
+    v = bn.init(KEY, x, train=False)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    xf = np.asarray(x).reshape(3, 8, 8, 2, 4)
+    mean = xf.mean(axis=(0, 1, 2, 4))
+    var = xf.var(axis=(0, 1, 2, 4))
+    want = (xf - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(xf.shape), want, atol=1e-4)
+    n = xf.size // 2
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var * n / (n - 1), atol=1e-5)
+
+
+def test_group_norm_statistics_per_sample_and_field():
+    ft = fields.FieldType(C4, "regular", 3)
+    x = _x(ft, batch=2) * 3 + 1
+    gn = layers.FieldGroupNorm(ft)
+    y = gn.apply(gn.init(KEY, x), x)
+    yf = np.asarray(y).reshape(2, 8, 8, 3, 4)
+    np.testing.assert_allclose(yf.mean(axis=(1, 2, 4)), 0, atol=1e-5)
+    np.testing.assert_allclose(yf.var(axis=(1, 2, 4)), 1, atol=1e-3)
+    assert sum(p.size for p in jax.tree_util.tree_leaves(gn.init(KEY, x))) == 4 * 3
+
+
+def test_odd_pooling_warns():
+    with pytest.warns(UserWarning, match="breaks exact quarter-turn equivariance"):
+        layers.max_pool_2x2(jnp.ones((1, 7, 7, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers.max_pool_2x2(jnp.ones((1, 8, 8, 2)))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ft: layers.PDOConv(ft, ft).init(KEY, jnp.ones((8, 8, ft.size))), "rank 4"),
+        (lambda ft: layers.PDOConv(ft, ft).init(KEY, jnp.ones((1, 8, 8, 5))), "has 8 channels"),
+        (lambda ft: layers.NeuralEPDO(ft, ft, g=3, s=1), "divisible by g=3"),
+        (lambda ft: layers.NeuralEPDO(ft, ft, g=2, s=4), "g=2 must be divisible by s=4"),
+        (lambda ft: layers.NeuralEPDO(ft, ft, g=2, s=2, reduction=4), "hidden fields M"),
+        (
+            lambda ft: layers.EquivariantLinear(ft, ft, groups=3).init(KEY, jnp.ones((1, 8))),
+            "3 groups",
+        ),
+        (lambda ft: layers.group_pool(jnp.ones((1, 8)), ft, "median"), "'max' or 'mean'"),
+    ],
+)
+def test_bad_input(make, match):
+    ft = fields.FieldType(C4, "regular", 2)
+    with pytest.raises(ValueError, match=match):
+        make(ft)
