@@ -1,0 +1,111 @@
+"""Epochs of fixed-shape batches from in-memory arrays, prefetched to device one batch ahead.
+
+Every epoch visits each example exactly once, in the order of a permutation drawn from
+``np.random.default_rng((seed, epoch))`` (so epoch e of a resumed run is the same as in an
+uninterrupted one). The last, partial batch is padded to the full batch size with zero images
+and ``mask`` 0, so a jitted step sees one shape and never retraces; losses and metrics must
+weight examples by ``mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch, the last one possibly partial: ceil(num_examples / batch_size)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return -(-num_examples // batch_size)
+
+
+def data_mesh_sharding() -> NamedSharding | None:
+    """Batch-axis sharding over a 1-D 'data' mesh of all local devices; None with one device."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def _host_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray
+) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches following ``order``; the last one padded (mask 0) to batch_size."""
+    n = order.shape[0]
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        real = idx.shape[0]
+        image = np.zeros((batch_size, *images.shape[1:]), np.float32)
+        label = np.zeros((batch_size,), np.int32)
+        mask = np.zeros((batch_size,), np.float32)
+        image[:real] = images[idx]
+        label[:real] = labels[idx]
+        mask[:real] = 1.0
+        yield {"image": image, "label": label, "mask": mask}
+
+
+def epoch_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Iterator[dict[str, jax.Array]]:
+    """One epoch of device batches.
+
+    While the caller works on batch i (jitted steps dispatch asynchronously), batch i+1 is
+    already assembled and its host-to-device copy issued (double buffering).
+
+    Args:
+      images: [N, H, W, C] float32 (host memory).
+      labels: [N] integer.
+      batch_size: B; with ``sharding``, a multiple of its device count.
+      shuffle: visit examples in a seeded random order instead of 0..N-1.
+      seed, epoch: the permutation is ``np.random.default_rng((seed, epoch)).permutation(N)``.
+      sharding: where to put batches (e.g. :func:`data_mesh_sharding`, which splits the batch
+        axis over devices); None puts them on the default device.
+
+    Yields:
+      ``num_batches(N, B)`` dicts: 'image' float32 [B, H, W, C], 'label' int32 [B] and
+      'mask' float32 [B] (1 for real examples, 0 for padding).
+
+    Raises:
+      ValueError: mismatched lengths, or a batch size the devices cannot split evenly.
+    """
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    num_batches(images.shape[0], batch_size)  # validates batch_size
+    if sharding is not None:
+        num_devices = len(sharding.device_set)
+        if batch_size % num_devices:
+            raise ValueError(
+                f"batch_size {batch_size} is not divisible by the {num_devices} devices of the "
+                f"data sharding; use a multiple of {num_devices}"
+            )
+    n = images.shape[0]
+    if shuffle:
+        order = np.random.default_rng((seed, epoch)).permutation(n)
+    else:
+        order = np.arange(n)
+
+    def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.device_put(batch, sharding)
+
+    pending = None
+    for batch in _host_batches(images, labels, batch_size, order):
+        ready = to_device(batch)
+        if pending is not None:
+            yield pending
+        pending = ready
+    if pending is not None:
+        yield pending
