@@ -87,9 +87,7 @@ class PDOConv(nn.Module):
         w = self.param(
             "weight", reference_init(float(np.sum(basis_np**2)), f_in, d_out), (f_in, f_out, n)
         )
-        basis = jnp.asarray(basis_np, jnp.float32)
-        kernel = jnp.einsum("iob,bpqhw->hwiqop", w, basis)  # [S, S, F_in, d_in, F_out, d_out]
-        kernel = kernel.reshape(s, s, f_in * d_in, f_out * d_out)
+        kernel = expand_pdo_kernel(w, basis_np)
         dt = _dtype(self.dtype)
         return jax.lax.conv_general_dilated(
             x.astype(dt),
@@ -98,6 +96,49 @@ class PDOConv(nn.Module):
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+
+
+def expand_pdo_kernel(weight: jax.Array, basis: np.ndarray) -> jax.Array:
+    """Plain conv kernel from ePDO coefficients.
+
+    Args:
+      weight: [F_in, F_out, n] coefficients.
+      basis: [n, d_out, d_in, S, S] from `bases.pdo_basis`.
+    Returns:
+      [S, S, F_in * d_in, F_out * d_out] (HWIO, field-major channels), float32.
+    """
+    f_in, f_out, _ = weight.shape
+    _, d_out, d_in, s, _ = basis.shape
+    b = jnp.asarray(basis, jnp.float32)
+    kernel = jnp.einsum("iob,bpqhw->hwiqop", weight, b)  # [S, S, F_in, d_in, F_out, d_out]
+    return kernel.reshape(s, s, f_in * d_in, f_out * d_out)
+
+
+def expand_linear_kernel(weight: jax.Array, basis: np.ndarray, groups: int = 1) -> jax.Array:
+    """Plain (grouped) 1x1 kernel from equivariant coefficients.
+
+    Args:
+      weight: [F_in / groups, F_out, n] coefficients.
+      basis: [n, d_out, d_in] from `bases.linear_basis` (or `bases.generator_basis`).
+      groups: number of groups s.
+    Returns:
+      [s, F_in / s * d_in, F_out / s * d_out]: group j maps input block j to output block j.
+    """
+    fi, f_out, _ = weight.shape
+    _, d_out, d_in = basis.shape
+    b = jnp.asarray(basis, jnp.float32)
+    kernel = jnp.einsum("iob,bqp->ipoq", weight, b)  # [F_in/s, d_in, F_out, d_out]
+    kernel = kernel.reshape(fi * d_in, groups, (f_out // groups) * d_out)  # [I, s, O]
+    return jnp.transpose(kernel, (1, 0, 2))
+
+
+def apply_linear_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Apply a grouped 1x1 kernel [s, I, O] to [..., s * I] -> [..., s * O]."""
+    s, i, o = kernel.shape
+    if s == 1:
+        return jnp.dot(x, kernel[0])
+    xs = x.reshape(x.shape[:-1] + (s, i))
+    return jnp.einsum("...si,sio->...so", xs, kernel).reshape(x.shape[:-1] + (s * o,))
 
 
 class EquivariantLinear(nn.Module):
@@ -150,16 +191,9 @@ def _grouped_linear(
         )
     fi = f_in // s
     w = mod.param("weight", reference_init(float(np.sum(basis_np**2)), fi, d_out), (fi, f_out, n))
-    basis = jnp.asarray(basis_np, jnp.float32)
-    kernel = jnp.einsum("iob,bqp->ipoq", w, basis)  # [F_in/s, d_in, F_out, d_out]
     dt = _dtype(mod.dtype)
-    if s == 1:
-        kernel = kernel.reshape(fi * d_in, f_out * d_out)
-        return jnp.dot(x.astype(dt), kernel.astype(dt))
-    kernel = kernel.reshape(fi * d_in, s, (f_out // s) * d_out)  # [I, s, O]
-    xs = x.reshape(x.shape[:-1] + (s, fi * d_in)).astype(dt)
-    out = jnp.einsum("...si,iso->...so", xs, kernel.astype(dt))  # [..., s, O]
-    return out.reshape(x.shape[:-1] + (f_out * d_out,))
+    kernel = expand_linear_kernel(w, basis_np, s).astype(dt)
+    return apply_linear_kernel(x.astype(dt), kernel)
 
 
 class GeneratorLinear(nn.Module):
