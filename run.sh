@@ -36,7 +36,7 @@ case "$cmd" in
   setup) setup ;;
   train) setup; exec "$PY" train.py "$@" ;;
   eval) setup; exec "$PY" -m neural_epdo_jax.evaluate "$@" ;;
-  test) setup; exec "$PY" -m pytest tests "$@" ;;
+  test) setup; exec "$PY" -m pytest tests -q -n 2 "$@" ;;
   bench)
     setup
     what=${1:-model}

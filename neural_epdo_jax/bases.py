@@ -16,6 +16,7 @@ read-only float64 arrays. They are constants at trace time, never parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -211,10 +212,11 @@ def pdo_basis(
 # The Neural ePDO generator.
 
 
-@functools.lru_cache(maxsize=None)
-def _generator_block(
+def _generator_block_generic(
     group: groups.Group, rep: str, discretisation: str, max_order: int, size: int
 ) -> np.ndarray:
+    """Straightforward construction of `_generator_block` (solve, map to taps, Cholesky QR);
+    kept as the reference the closed form is tested against."""
     s = stencils.stencils(discretisation, max_order, size).reshape(-1, size * size)
     t = s.shape[0]
     d = groups.representation(group, rep).dim
@@ -227,6 +229,60 @@ def _generator_block(
     x = x.reshape(x.shape[0], d, t, group.order)
     taps = np.einsum("ncaj,ap->ncpj", x, s)  # [n, d, size*size, |G|]
     return _orthonormal_rows(taps).reshape(x.shape[0], d * size * size, group.order)
+
+
+@functools.lru_cache(maxsize=None)
+def _derivative_reps(group: groups.Group, max_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """D(g_j) and D(g_j)^-T ([|G|, A, A] each, D = D_0 + ... + D_K) for the elements g_j in
+    the order of the regular representation's components."""
+    elems = groups.representation(group, "regular").coset_reps
+    d = np.stack([groups.derivative_rep_all(group, max_order, g) for g in elems])
+    return d, np.transpose(np.linalg.inv(d), (0, 2, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_untwisted(
+    group: groups.Group, discretisation: str, max_order: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The orthonormalisation of the generator basis in closed form.
+
+    The coefficients transform with ``V(g) = rho(g) (x) E(g)``, ``E = D^-T``; the unnormalised
+    elements are ``X_(c, b) e_j = V(g_j) (e_c (x) e_b)`` mapped to taps by ``S^T``. Their Gram
+    matrix is ``I (x) M`` with ``M = sum_j E_j^T S S^T E_j`` (15 x 15), because ``rho`` is a
+    permutation representation: Gram-Schmidt in element order is ``I (x) chol(M)^-1``.
+
+    Returns:
+      U = chol(M)^-1 [A, A] and W[j] = S^T E(g_j) U^T [|G|, size^2, A].
+    """
+    s = stencils.stencils(discretisation, max_order, size).reshape(-1, size * size)
+    _, e = _derivative_reps(group, max_order)
+    m = np.einsum("jba,bc,jcd->ad", e, s @ s.T, e, optimize=True)
+    try:
+        chol = np.linalg.cholesky(m)
+    except np.linalg.LinAlgError:
+        raise ValueError("basis elements are linearly dependent; cannot orthonormalise.") from None
+    u = scipy.linalg.solve_triangular(chol, np.eye(len(m)), lower=True)
+    w = np.einsum("bp,jba,ga->jpg", s, e, u, optimize=True)
+    return u, w
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_block(
+    group: groups.Group, rep: str, discretisation: str, max_order: int, size: int
+) -> np.ndarray:
+    """Orthonormal basis [d * A, d * size^2, |G|] of the maps from a regular field to the taps
+    of one operator per component of ``rep`` (closed form of `_generator_block_generic`):
+    element (c, a), column j is ``e_{g_j c} (x) W[j][:, a]``."""
+    _, w = _generator_untwisted(group, discretisation, max_order, size)
+    rep_ = groups.representation(group, rep)
+    d, (order, p, a) = rep_.dim, w.shape
+    elems = groups.representation(group, "regular").coset_reps
+    perm = rep_.perms[[groups.element_index(group, g) for g in elems]]  # [|G|, d]
+    out = np.zeros((d, a, d, p, order))
+    comps = np.arange(d)
+    for j in range(order):
+        out[comps, :, perm[j], :, j] = w[j].T
+    return out.reshape(d * a, d * p, order)
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,3 +315,179 @@ def generator_basis(
         blocks.append((b[:, :, None, :], off * p, 0))
     out = _embed(blocks, d_unit * p, 1)
     return _ro(out[:, :, 0, :] if out.ndim == 4 else out.reshape(0, d_unit * p, group.order))
+
+
+# ----------------------------------------------------------------------------------------
+# Group-Fourier forms (performance): the same bases in coordinates where they are block
+# diagonal. Used by the layers' fast path; the dense forms above stay the definition.
+
+
+def fourier_slots(group: groups.Group) -> tuple[tuple[int, ...], ...]:
+    """Rotation frequencies grouped into the slots of the group-Fourier transform.
+
+    Slot 0 holds the frequencies 0 and N/2 (N even), slot k (1 <= k < N/2) the frequency k
+    (with -k). Every C_N- or D_N-equivariant linear map between any two representations maps
+    the frequency-k isotypic component of the rotations to itself, so it is block diagonal
+    over the slots.
+    """
+    n = group.n
+    first = (0, n // 2) if n % 2 == 0 and n > 1 else (0,)
+    return (first,) + tuple((k,) for k in range(1, (n + 1) // 2))
+
+
+def _slot_projectors(group: groups.Group, rho: Matrices, dim: int) -> list[np.ndarray]:
+    """Orthogonal projectors [dim, dim] onto the slots' isotypic components of ``rho``."""
+    n = group.n
+    rots = [rho((0, j)) for j in range(n)]
+    out = []
+    for slot in fourier_slots(group):
+        p = np.zeros((dim, dim))
+        for k in slot:
+            c = 1.0 if (2 * k) % n == 0 else 2.0
+            for j in range(n):
+                p += (c / n) * np.cos(2 * np.pi * k * j / n) * rots[j]
+        out.append(p)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rep_fourier(group: groups.Group, rep: str) -> np.ndarray:
+    """[K, b, dim]: orthonormal rows spanning each slot's component of ``rep`` (zero-padded
+    to the slot width b of the regular representation)."""
+    reg = groups.representation(group, "regular").dim
+    width = max(
+        int(round(np.trace(p))) for p in _slot_projectors(group, _rep(group, "regular"), reg)
+    )
+    dim = groups.representation(group, rep).dim
+    projs = _slot_projectors(group, _rep(group, rep), dim)
+    out = np.zeros((len(projs), width, dim))
+    for k, p in enumerate(projs):
+        vals, vecs = np.linalg.eigh((p + p.T) / 2)
+        rows = vecs[:, vals > 0.5].T
+        out[k, : len(rows)] = rows
+    if not np.allclose(np.einsum("kbd,kbe->de", out, out), np.eye(dim), atol=1e-12):
+        raise AssertionError(f"Fourier basis of {rep} in {group} is not orthonormal.")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def fourier_matrix(group: groups.Group, unit: fields.Unit) -> np.ndarray:
+    """The group-Fourier transform of one field of type ``unit``.
+
+    ``x_hat[k] = Phi[k] @ x`` splits a field into the slots of `fourier_slots`; ``Phi`` is
+    orthonormal (``sum_k Phi[k].T @ Phi[k] = I``), zero rows pad every slot to the same
+    width r * b (r = number of representations in the unit, b = 2 for C_N, 4 for D_N).
+
+    Returns:
+      read-only [K, r * b, field_size].
+    """
+    unit = _check_unit(group, unit)
+    offs = _offsets(group, unit)
+    d = fields.FieldType(group, unit).field_size
+    blocks = [_rep_fourier(group, name) for name, _ in offs]
+    k, b = blocks[0].shape[:2]
+    out = np.zeros((k, len(blocks) * b, d))
+    for j, ((_, off), blk) in enumerate(zip(offs, blocks)):
+        out[:, j * b : (j + 1) * b, off : off + blk.shape[2]] = blk
+    return _ro(out)
+
+
+def _to_slots(basis: np.ndarray, phi_out: np.ndarray, phi_in: np.ndarray) -> np.ndarray:
+    """[n, d_out, d_in] equivariant maps -> [n, K, rb_out, rb_in] slot blocks (checked)."""
+    blocks = np.einsum("kyo,noi,kxi->nkyx", phi_out, basis, phi_in, optimize=True)
+    back = np.einsum("kyo,nkyx,kxi->noi", phi_out, blocks, phi_in, optimize=True)
+    err = np.max(np.abs(back - basis), initial=0.0)
+    if err > 1e-9 * max(1.0, np.max(np.abs(basis), initial=0.0)):
+        raise AssertionError(f"basis is not block diagonal over the Fourier slots (err {err}).")
+    return blocks
+
+
+@functools.lru_cache(maxsize=None)
+def linear_basis_fourier(
+    group: groups.Group, in_unit: fields.Unit, out_unit: fields.Unit
+) -> np.ndarray:
+    """`linear_basis` in group-Fourier coordinates: ``Phi_out[k] A Phi_in[k].T`` per slot.
+
+    ``A = sum_k Phi_out[k].T @ blocks[:, k] @ Phi_in[k]`` reconstructs every basis element
+    (checked to 1e-9), because an equivariant map never mixes slots.
+
+    Returns:
+      read-only [n, K, r_out * b, r_in * b].
+    """
+    in_unit, out_unit = _check_unit(group, in_unit), _check_unit(group, out_unit)
+    basis = linear_basis(group, in_unit, out_unit)
+    return _ro(_to_slots(basis, fourier_matrix(group, out_unit), fourier_matrix(group, in_unit)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GeneratorFourier:
+    """`generator_basis` factored for the fast path (all arrays read-only float64).
+
+    In a regular block of the unit, the coefficients ``y[c]`` generated for component ``c``
+    (group element ``g_c``) are untwisted, ``z[c] = D(g_c)^T y[c]`` (``D = D_0 + ... + D_K``):
+    ``z`` is then a family of A regular fields (A = number of derivatives) produced by an
+    ordinary regular -> regular map, a group convolution, which is block diagonal over the
+    Fourier slots. The taps follow with one small matrix per component:
+    ``taps[c] = T[c] @ z[c]``, ``T[c] = S^T D(g_c)^-T`` (S: the stencils [A, size^2]).
+
+    For the weights ``w[..., n]`` of the elements ``n = (l, alpha)`` of a regular block (in
+    `generator_basis` order), the group convolution's Fourier blocks are
+    ``sum_{l, alpha} w[..., (l, alpha)] untwist[l, alpha, a] shifts[l, k]`` (block of
+    derivative a in slot k).
+
+    Attributes:
+      untwist: [|G|, A, A] ``(U D(g_l))[alpha, a]``, U the closed-form Gram-Schmidt.
+      shifts: [|G|, K, b, b] ``Phi[k] R_l Phi[k]^T`` (out, in), ``R_l e_h = e_{g_h g_l}``.
+      taps: [|G|, size^2, A] the matrices T[c].
+      regular_blocks: (component offset, first basis element) of each regular block.
+      dense: [n, d_rest * size^2, |G|] the basis rows of the other (non-regular) blocks.
+      dense_offsets: ((component offset, dim), ...) of those blocks.
+    """
+
+    untwist: np.ndarray
+    shifts: np.ndarray
+    taps: np.ndarray
+    regular_blocks: tuple[tuple[int, int], ...]
+    dense: np.ndarray
+    dense_offsets: tuple[tuple[int, int], ...]
+
+
+@functools.lru_cache(maxsize=None)
+def generator_fourier(
+    group: groups.Group,
+    unit: fields.Unit,
+    discretisation: str = "fd",
+    max_order: int = 4,
+    size: int = 5,
+) -> GeneratorFourier:
+    """`generator_basis` in the factored form of `GeneratorFourier`."""
+    unit = _check_unit(group, unit)
+    basis = generator_basis(group, unit, discretisation, max_order, size)
+    u, _ = _generator_untwisted(group, discretisation, max_order, size)
+    d, d_inv_t = _derivative_reps(group, max_order)
+    s = stencils.stencils(discretisation, max_order, size).reshape(-1, size * size)  # [A, P]
+    a, p, order = s.shape[0], size * size, group.order
+    reg = groups.representation(group, "regular")
+    elems = reg.coset_reps
+    perm = reg.perms[[groups.element_index(group, g) for g in elems]]  # [h, l]: g_h g_l
+    r = np.zeros((order, order, order))  # [l, c, h]
+    r[np.arange(order)[None, :], perm, np.arange(order)[:, None]] = 1.0
+    phi = _rep_fourier(group, "regular")  # [K, b, |G|]
+    shifts = np.einsum("kyc,lch,kxh->lkyx", phi, r, phi, optimize=True)
+    untwist = np.einsum("xb,lba->lxa", u, d, optimize=True)
+    taps = np.einsum("ap,cab->cpb", s, d_inv_t, optimize=True)
+    reg_blocks, dense, dense_offs, start = [], [], [], 0
+    for name, off in _offsets(group, unit):
+        dim = groups.representation(group, name).dim
+        if name == "regular":
+            reg_blocks.append((off, start))
+        else:
+            dense.append(basis[:, off * p : (off + dim) * p])
+            dense_offs.append((off, dim))
+        start += dim * a  # every block has dim * A elements (Hom(regular, V) = dim V)
+    if start != basis.shape[0]:
+        raise AssertionError("generator basis blocks do not have dim * A elements each.")
+    dense_arr = np.concatenate(dense, axis=1) if dense else np.zeros((basis.shape[0], 0, order))
+    return GeneratorFourier(
+        _ro(untwist), _ro(shifts), _ro(taps), tuple(reg_blocks), _ro(dense_arr), tuple(dense_offs)
+    )

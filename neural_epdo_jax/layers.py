@@ -6,6 +6,7 @@ bases on every call (no cached kernels, so evaluation always uses the current pa
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -24,6 +25,15 @@ def _dtype(d) -> jnp.dtype:
         return jnp.dtype(d)
     except TypeError:
         raise ValueError(f"unknown dtype {d!r}; use 'float32' or 'bfloat16'.") from None
+
+
+IMPLS = ("fourier", "dense")
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; use one of {IMPLS}.")
+    return impl
 
 
 def check_input(x: jax.Array, ftype: fields.FieldType, where: str) -> None:
@@ -152,12 +162,16 @@ class EquivariantLinear(nn.Module):
       in_type, out_type: field types.
       groups: number of groups (divides both field counts).
       dtype: computation dtype.
+      impl: 'fourier' (default: block diagonal in group-Fourier coordinates, see
+        `apply_linear_fourier`) or 'dense' (the expanded kernel, `expand_linear_kernel`).
+        Same parameters and, up to round-off, the same outputs.
     """
 
     in_type: fields.FieldType
     out_type: fields.FieldType
     groups: int = 1
     dtype: Dtype = "float32"
+    impl: str = "fourier"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,22 +181,22 @@ class EquivariantLinear(nn.Module):
                 f"EquivariantLinear: {self.in_type!r} has {self.in_type.size} channels, input has "
                 f"{x.shape[-1]} (shape {tuple(x.shape)})."
             )
-        basis_np = bases.linear_basis(self.in_type.group, self.in_type.unit, self.out_type.unit)
-        return _grouped_linear(
-            self, x, basis_np, self.in_type, self.out_type.num_fields, self.groups
-        )
+        group, u_in, u_out = self.in_type.group, self.in_type.unit, self.out_type.unit
+        basis_np = bases.linear_basis(group, u_in, u_out)
+        w = _grouped_weight(self, basis_np, self.in_type, self.out_type.num_fields, self.groups)
+        dt = _dtype(self.dtype)
+        if _check_impl(self.impl) == "dense":
+            kernel = expand_linear_kernel(w, basis_np, self.groups).astype(dt)
+            return apply_linear_kernel(x.astype(dt), kernel)
+        return apply_linear_fourier(x.astype(dt), w, group, u_in, u_out, self.groups)
 
 
-def _grouped_linear(
-    mod: nn.Module,
-    x: jax.Array,
-    basis_np: np.ndarray,
-    in_type: fields.FieldType,
-    f_out: int,
-    s: int,
+def _grouped_weight(
+    mod: nn.Module, basis_np: np.ndarray, in_type: fields.FieldType, f_out: int, s: int
 ) -> jax.Array:
-    """Shared by the 1x1 layers: weights [F_in/s, F_out, n] x basis [n, d_out, d_in]."""
-    n, d_out, d_in = basis_np.shape
+    """Declares the 1x1 layers' weights [F_in/s, F_out, n] (coefficients of ``basis_np``
+    [n, d_out, d_in])."""
+    n, d_out, _ = basis_np.shape
     f_in = in_type.num_fields
     if f_in % s or f_out % s:
         raise ValueError(
@@ -190,10 +204,107 @@ def _grouped_linear(
             f"output fields ({f_out})."
         )
     fi = f_in // s
-    w = mod.param("weight", reference_init(float(np.sum(basis_np**2)), fi, d_out), (fi, f_out, n))
-    dt = _dtype(mod.dtype)
-    kernel = expand_linear_kernel(w, basis_np, s).astype(dt)
-    return apply_linear_kernel(x.astype(dt), kernel)
+    init = reference_init(float(np.sum(basis_np**2)), fi, d_out)
+    return mod.param("weight", init, (fi, f_out, n))
+
+
+def apply_linear_fourier(
+    x: jax.Array,
+    weight: jax.Array,
+    group: groups.Group,
+    in_unit: fields.Unit,
+    out_unit: fields.Unit,
+    s: int = 1,
+) -> jax.Array:
+    """``apply_linear_kernel(x, expand_linear_kernel(weight, linear_basis(...), s))``,
+    computed in group-Fourier coordinates.
+
+    An equivariant map between permutation representations of C_N / D_N does not mix the
+    rotation-frequency slots (`bases.fourier_slots`), so with the orthonormal transforms
+    ``Phi`` of `bases.fourier_matrix`, ``A = sum_k Phi_out[k]^T B_k Phi_in[k]``: one small
+    dense block per slot and field pair (C16 regular: 8 blocks of 2 x 2, 32 multiply-adds
+    instead of 256; D16: 8 x 4 x 4 instead of 1024), plus one transform per field on each side.
+
+    Args:
+      x: [..., F_in * d_in] (the compute dtype).
+      weight: [F_in / s, F_out, n] coefficients of `bases.linear_basis`.
+    Returns:
+      [..., F_out * d_out].
+    """
+    phi_in = bases.fourier_matrix(group, in_unit)  # [K, X, d_in]
+    phi_out = bases.fourier_matrix(group, out_unit)  # [K, Y, d_out]
+    fb = bases.linear_basis_fourier(group, in_unit, out_unit)  # [n, K, Y, X]
+    fi, f_out, _ = weight.shape
+    k, xw, d_in = phi_in.shape
+    yw, d_out = phi_out.shape[1:]
+    fo, dt, lead = f_out // s, x.dtype, x.shape[:-1]
+    blocks = jnp.einsum("ion,nkyx->kixoy", weight, jnp.asarray(fb, jnp.float32))
+    blocks = blocks.reshape(k, fi * xw, s, fo * yw).transpose(0, 2, 1, 3)  # [K, s, I, O]
+    xh = jnp.einsum("psid,kxd->kspix", x.reshape(-1, s, fi, d_in), jnp.asarray(phi_in, dt))
+    xh = xh.reshape(k, s, -1, fi * xw)  # [K, s, P, fi * X]
+    yh = jnp.einsum("kspi,ksio->kspo", xh, blocks.astype(dt))  # [K, s, P, fo * Y]
+    yh = yh.reshape(k, s, -1, fo, yw)
+    y = jnp.einsum("kspoy,kye->psoe", yh, jnp.asarray(phi_out, dt))  # [P, s, fo, d_out]
+    return y.reshape(lead + (f_out * d_out,))
+
+
+def generator_taps_fourier(
+    h: jax.Array,
+    weight: jax.Array,
+    unit_type: fields.FieldType,
+    discretisation: str,
+    max_order: int,
+    kernel_size: int,
+    s: int,
+) -> jax.Array:
+    """The generator's taps from its weights, in the factored form of
+    `bases.generator_fourier`: group-Fourier block products into the untwisted coefficients
+    (a group convolution), one inverse transform, one small matrix per component to taps.
+    Equals the dense ``GeneratorLinear`` output (rearranged) up to round-off.
+
+    Args:
+      h: [P, M * |G|] hidden regular fields (the compute dtype).
+      weight: [M / s, g, n] coefficients of `bases.generator_basis`.
+    Returns:
+      [kernel_size^2, P, g, field_size] (tap-major).
+    """
+    group, unit = unit_type.group, unit_type.unit
+    gf = bases.generator_fourier(group, unit, discretisation, max_order, kernel_size)
+    phi = bases.fourier_matrix(group, (("regular", 1),))  # [K, b, |G|]
+    mi, g, _ = weight.shape
+    go, order, (k, b, _) = g // s, group.order, phi.shape
+    a, taps = gf.untwist.shape[1], kernel_size**2
+    dt, p = h.dtype, h.shape[0]
+    parts = []
+    if gf.regular_blocks:
+        r = len(gf.regular_blocks)
+        w = jnp.stack(
+            [
+                weight[..., st : st + order * a].reshape(mi, g, order, a)
+                for _, st in gf.regular_blocks
+            ],
+            axis=3,
+        )  # [mi, g, |G|, R, A]
+        w = jnp.einsum("iolrx,lxa->iolra", w, jnp.asarray(gf.untwist, jnp.float32))
+        blocks = jnp.einsum("iolra,lkyx->kixoray", w, jnp.asarray(gf.shifts, jnp.float32))
+        blocks = blocks.reshape(k, mi * b, s, go * r * a * b).transpose(0, 2, 1, 3).astype(dt)
+        hh = jnp.einsum("psih,kxh->kspix", h.reshape(p, s, mi, order), jnp.asarray(phi, dt))
+        zh = jnp.einsum("kspi,ksio->kspo", hh.reshape(k, s, p, mi * b), blocks)
+        zh = zh.reshape(k, s, p, go, r, a, b)
+        z = jnp.einsum("ksporay,kyc->cpsora", zh, jnp.asarray(phi, dt))  # untwisted, [|G|, ...]
+        t = jnp.einsum("cpsora,cta->tpsorc", z, jnp.asarray(gf.taps, dt))
+        t = t.reshape(taps, p, g, r, order)
+        parts += [(off, t[:, :, :, j]) for j, (off, _) in enumerate(gf.regular_blocks)]
+    if gf.dense_offsets:
+        kernel = expand_linear_kernel(weight, gf.dense, s).astype(dt)
+        rest = apply_linear_kernel(h, kernel).reshape(p, g, -1, taps)
+        rest = jnp.transpose(rest, (3, 0, 1, 2))  # [T, P, g, d_rest]
+        start = 0
+        for off, dim in gf.dense_offsets:
+            parts.append((off, rest[..., start : start + dim]))
+            start += dim
+    parts.sort(key=lambda item: item[0])
+    return jnp.concatenate([part for _, part in parts], axis=-1)
 
 
 class GeneratorLinear(nn.Module):
@@ -201,7 +312,8 @@ class GeneratorLinear(nn.Module):
     taps (coefficients transform with ``rho (x) (D_0 + ... + D_K)^-T``, mapped to taps),
     grouped by ``groups`` (the reference's ``s``).
 
-    Returns [..., g * field_size * kernel_size^2] (field, component, tap).
+    Returns [..., g * field_size * kernel_size^2] (field, component, tap), or with
+    ``tap_major`` [kernel_size^2, ..., g, field_size].
     """
 
     hidden_type: fields.FieldType
@@ -212,6 +324,8 @@ class GeneratorLinear(nn.Module):
     max_order: int = 4
     kernel_size: int = 5
     dtype: Dtype = "float32"
+    impl: str = "fourier"
+    tap_major: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -222,7 +336,30 @@ class GeneratorLinear(nn.Module):
             self.max_order,
             self.kernel_size,
         )
-        return _grouped_linear(self, h, basis_np, self.hidden_type, self.num_out, self.groups)
+        w = _grouped_weight(self, basis_np, self.hidden_type, self.num_out, self.groups)
+        dt = _dtype(self.dtype)
+        lead, taps, d = h.shape[:-1], self.kernel_size**2, self.unit_type.field_size
+        if _check_impl(self.impl) == "dense":
+            kernel = expand_linear_kernel(w, basis_np, self.groups).astype(dt)
+            out = apply_linear_kernel(h.astype(dt), kernel)
+            if not self.tap_major:
+                return out
+            out = out.reshape(lead + (self.num_out, d, taps))
+            return jnp.moveaxis(out, -1, 0)
+        h2 = h.astype(dt).reshape(-1, h.shape[-1])
+        out = generator_taps_fourier(
+            h2,
+            w,
+            self.unit_type,
+            self.discretisation,
+            self.max_order,
+            self.kernel_size,
+            self.groups,
+        )  # [T, P, g, d]
+        out = out.reshape((taps,) + lead + (self.num_out, d))
+        if self.tap_major:
+            return out
+        return jnp.moveaxis(out, 0, -1).reshape(lead + (self.num_out * d * taps,))
 
 
 class FieldBatchNorm(nn.Module):
@@ -313,6 +450,62 @@ def apply_spatially_varying(x: jax.Array, w: jax.Array, g: int, kernel_size: int
     return out.reshape(b, h, wd, f, d)
 
 
+def _shift_accumulate(x: jax.Array, w: jax.Array, k: int) -> jax.Array:
+    """``sum_t w[t][:, :, :, None] * x[p + t]`` (x [B, H, W, Q, g, d], w [T, B, H, W, g, d])."""
+    c, h, wd = k // 2, x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (c, c), (c, c), (0, 0), (0, 0), (0, 0)))
+    out = None
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        term = w[t][:, :, :, None] * xp[:, i : i + h, j : j + wd]
+        out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def apply_spatially_varying_tap_major(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
+    """`apply_spatially_varying` with tap-major operators and a hand-written backward pass.
+
+    Args:
+      x: [B, H, W, Q, g, d]: Q partitions of g fields.
+      w: [kernel_size^2, B, H, W, g, d].
+    Returns:
+      [B, H, W, Q, g, d]: ``out[p, q, f, c] = sum_t w[t, p, f, c] x[p + t, q, f, c]``.
+
+    Each pass (forward, input gradient, operator gradient) is one fused loop over the taps;
+    differentiating the unrolled slices instead makes XLA build one padded full-size
+    gradient per tap.
+    """
+    return _shift_accumulate(x, w, kernel_size)
+
+
+def _sv_fwd(x, w, kernel_size):
+    return _shift_accumulate(x, w, kernel_size), (x, w)
+
+
+def _sv_bwd(kernel_size, res, g):
+    x, w = res
+    k, (h, wd) = kernel_size, x.shape[1:3]
+    c = k // 2
+    pad = ((0, 0), (c, c), (c, c), (0, 0), (0, 0))
+    # d/dx: out[p] reads x[p + t - c], so x[q] receives w[t][q - t + c] g[q - t + c].
+    wp = jnp.pad(w, ((0, 0),) + pad)
+    gp = jnp.pad(g, pad + ((0, 0),))
+    gx = None
+    for t in range(k * k):
+        i, j = 2 * c - t // k, 2 * c - t % k
+        term = wp[t, :, i : i + h, j : j + wd][:, :, :, None] * gp[:, i : i + h, j : j + wd]
+        gx = term if gx is None else gx + term
+    xp = jnp.pad(x, pad + ((0, 0),))
+    gw = jnp.stack(
+        [jnp.sum(g * xp[:, t // k : t // k + h, t % k : t % k + wd], axis=3) for t in range(k * k)]
+    )
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+apply_spatially_varying_tap_major.defvjp(_sv_fwd, _sv_bwd)
+
+
 class NeuralEPDO(nn.Module):
     """The Neural ePDO layer (He et al. 2023, SPEC section 5): a spatially adaptive PDO whose
     coefficients are generated per pixel by an equivariant MLP of the input.
@@ -325,6 +518,11 @@ class NeuralEPDO(nn.Module):
     4. out = the g operators applied to each partition of g input fields (component-wise).
     5. Linear(out: in_type -> out_type).
     Equivariance: every step commutes with the group action, exactly for grid elements.
+
+    ``impl='fourier'`` (default) computes the 1x1 maps in group-Fourier coordinates, the
+    generator in its factored form, and applies the raw taps before scaling by the
+    normalisation (it is one factor per pixel and generated field); ``impl='dense'`` is the
+    straightforward computation. Same parameters; same outputs up to round-off.
     """
 
     in_type: fields.FieldType
@@ -336,6 +534,7 @@ class NeuralEPDO(nn.Module):
     discretisation: str = "fd"
     kernel_size: int = 5
     dtype: Dtype = "float32"
+    impl: str = "fourier"
 
     def hidden_fields(self) -> int:
         return int(self.in_type.size // (self.reduction * self.in_type.group.order))
@@ -343,16 +542,17 @@ class NeuralEPDO(nn.Module):
     def __post_init__(self):
         super().__post_init__()
         validate_nlpdo(self.in_type, self.reduction, self.g, self.s)
+        _check_impl(self.impl)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input(x, self.in_type, "NeuralEPDO")
-        group = self.in_type.group
+        group, dt, impl = self.in_type.group, _dtype(self.dtype), self.impl
         hidden = fields.FieldType(group, "regular", self.hidden_fields())
         unit = self.in_type.with_fields(1)
-        h = EquivariantLinear(self.in_type, hidden, dtype=self.dtype, name="hidden")(x)
+        h = EquivariantLinear(self.in_type, hidden, dtype=self.dtype, impl=impl, name="hidden")(x)
         h = nn.relu(FieldGroupNorm(hidden, name="norm")(h))
-        w = GeneratorLinear(
+        generator = GeneratorLinear(
             hidden,
             unit,
             self.g,
@@ -361,18 +561,32 @@ class NeuralEPDO(nn.Module):
             self.max_order,
             self.kernel_size,
             dtype=self.dtype,
+            impl=impl,
+            tap_major=impl == "fourier",
             name="generator",
-        )(h)
+        )
         taps = self.kernel_size**2
         d = unit.field_size
-        w = w.astype(jnp.float32).reshape(w.shape[:-1] + (self.g, d * taps)) / 5.0
-        w = w / (jnp.sum(jnp.abs(w), axis=-1, keepdims=True) + 0.01)
-        w = w.reshape(w.shape[:-1] + (d, taps)).astype(_dtype(self.dtype))
         b, hh, ww, _ = x.shape
-        xs = x.astype(_dtype(self.dtype)).reshape(b, hh, ww, self.in_type.num_fields, d)
-        out = apply_spatially_varying(xs, w, self.g, self.kernel_size)
-        out = out.reshape(b, hh, ww, self.in_type.size)
-        return EquivariantLinear(self.in_type, self.out_type, dtype=self.dtype, name="output")(out)
+        out_linear = EquivariantLinear(
+            self.in_type, self.out_type, dtype=self.dtype, impl=impl, name="output"
+        )
+        if impl == "dense":
+            w = generator(h)
+            w = w.astype(jnp.float32).reshape(w.shape[:-1] + (self.g, d * taps)) / 5.0
+            w = w / (jnp.sum(jnp.abs(w), axis=-1, keepdims=True) + 0.01)
+            w = w.reshape(w.shape[:-1] + (d, taps)).astype(dt)
+            xs = x.astype(dt).reshape(b, hh, ww, self.in_type.num_fields, d)
+            out = apply_spatially_varying(xs, w, self.g, self.kernel_size)
+            return out_linear(out.reshape(b, hh, ww, self.in_type.size))
+        w = generator(h)  # [T, B, H, W, g, d]
+        # (W / 5) / (sum |W / 5| + 0.01) is W times one factor per pixel and operator.
+        l1 = jnp.sum(jnp.abs(w.astype(jnp.float32)), axis=(0, 5))  # [B, H, W, g]
+        scale = (0.2 / (0.2 * l1 + 0.01)).astype(dt)
+        xs = x.astype(dt).reshape(b, hh, ww, self.in_type.num_fields // self.g, self.g, d)
+        out = apply_spatially_varying_tap_major(xs, w, self.kernel_size)
+        out = out * scale[:, :, :, None, :, None]
+        return out_linear(out.reshape(b, hh, ww, self.in_type.size))
 
 
 def validate_nlpdo(in_type: fields.FieldType, reduction: int, g: int, s: int) -> None:

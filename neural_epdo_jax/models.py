@@ -32,6 +32,8 @@ class NeuralEPDONet(nn.Module):
     are restricted to C_N before block 6 (channel counts of blocks 5->6 doubled).
 
     Attributes: see the README's model section; ``channels`` counts fields per block.
+    ``impl`` picks the Neural ePDO layers' computation ('fourier', the default, or 'dense':
+    same parameters, same outputs up to round-off; see `layers.NeuralEPDO`).
     """
 
     n: int = 16
@@ -48,6 +50,7 @@ class NeuralEPDONet(nn.Module):
     dropout_per_field: bool = False
     num_classes: int = 10
     dtype: str = "float32"
+    impl: str = "fourier"
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -70,6 +73,7 @@ class NeuralEPDONet(nn.Module):
                 f"g must be >= 1 (fields per partition) or -1 (linear ePDOs), got {self.g}."
             )
         layers._dtype(self.dtype)
+        layers._check_impl(self.impl)
         group = groups.Group(self.n, self.flip)
         unit = fields.parse_unit(self.field_type)
         if self.flip and any(name != "regular" for name, _ in unit):
@@ -116,7 +120,14 @@ class NeuralEPDONet(nn.Module):
                 conv = layers.PDOConv(blk.in_type, blk.out_type, max_order=self.order, **common)
             else:
                 conv = layers.NeuralEPDO(
-                    blk.in_type, blk.out_type, self.order, self.reduction, self.g, self.s, **common
+                    blk.in_type,
+                    blk.out_type,
+                    self.order,
+                    self.reduction,
+                    self.g,
+                    self.s,
+                    impl=self.impl,
+                    **common,
                 )
             x = conv(x)
             x = nn.relu(layers.FieldBatchNorm(blk.norm_type)(x, train=train))

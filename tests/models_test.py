@@ -123,7 +123,7 @@ class InvarianceTest(chex.TestCase, parameterized.TestCase):
             return logits - jnp.mean(logits, axis=0)
 
         fn = self.variant(fn)
-        assert float(jnp.std(fn(x), axis=0).mean()) > 1e-2  # depends on the input
+        assert float(jnp.std(fn(x), axis=0).mean()) > 1e-3  # depends on the input
         group = groups.Group(kwargs["n"], False)  # the whole network is C_N-invariant
         # Relative to the input-dependent part of the logits, after six blocks of float32
         # round-off (amplified by max pooling near ties): a broken network is off by O(1).

@@ -1,0 +1,241 @@
+"""Model benchmark: parameters, compile time, train/eval throughput, peak RSS, FLOP rate.
+
+  bash run.sh bench model                                   # the four paper variants
+  python benchmarks/bench_model.py --variants=R-gauss --steps=10 --impl=dense
+  python benchmarks/bench_model.py --dtype=bfloat16 --batch=256 --eval_batch=1024
+
+Each variant runs in a fresh subprocess (so its peak RSS is its own) that builds the bases,
+initialises the model (jitted, on one small input), compiles the training step
+(``training.train_step``: forward + backward + Adam update, no augmentation) and the eval
+step, times ``--steps`` steps after one warm-up step each and reports medians. "GFLOP/s" is
+XLA's cost analysis of the compiled step (``flops``) divided by the median step time, next to
+the rate of one large float32 matmul measured in the same subprocess afterwards: the fraction
+shows how far the step is from the machine's dense-matmul speed. Peak RSS is VmHWM after
+training (train) and after evaluation (+eval). Timings on a shared machine are noisy: the
+load average is printed with the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+VARIANTS = {
+    "R-fd": dict(),
+    "R-gauss": dict(discretisation="gauss"),
+    "Q-gauss": dict(
+        field_type="regular+quo_4",
+        channels=(12, 16, 24, 24, 32, 64),
+        s=1,
+        reduction=2,
+        discretisation="gauss",
+    ),
+    "D-gauss": dict(flip=True, channels=(12, 16, 24, 24, 32, 64), s=1, reduction=1, discretisation="gauss"),
+    "PDO-eConv": dict(g=-1),
+}
+
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["R-fd", "R-gauss", "Q-gauss", "D-gauss"], f"Any of {list(VARIANTS)}."
+)
+_BATCH = flags.DEFINE_integer("batch", 64, "Training batch size.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size (0: skip eval).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
+_IMPL = flags.DEFINE_string("impl", "", "Model `impl` ('fourier' or 'dense'); '' = default.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the reference float32 matmul.")
+_JSON = flags.DEFINE_string("json", "", "Also write the results (a JSON list) to this file.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: run one variant and print JSON.")
+
+
+def _vm_hwm_mb() -> float:
+    """Peak resident set size of this process (VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def _time_steps(fn, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _matmul_gflops(n: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+    f(a, b).block_until_ready()
+    times = _time_steps(lambda: f(a, b).block_until_ready(), 5)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def run_child(name: str) -> dict:
+    """Benchmarks one variant in this process; returns a JSON-able dict."""
+    t_import = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from neural_epdo_jax import models, training
+
+    res = {"variant": name, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
+    res["import_s"] = time.perf_counter() - t_import
+    kwargs = dict(VARIANTS[name], dtype=_DTYPE.value)
+    if _IMPL.value:
+        kwargs["impl"] = _IMPL.value
+    model = models.NeuralEPDONet(**kwargs)
+
+    t0 = time.perf_counter()
+    if hasattr(models, "build_bases"):
+        models.build_bases(model)
+    res["bases_s"] = time.perf_counter() - t0
+
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
+    t0 = time.perf_counter()
+    state = training.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+    jax.block_until_ready(state)
+    res["init_s"] = time.perf_counter() - t0
+    res["params"] = models.count_params(state.params)
+
+    def batch_of(n: int, seed: int) -> dict:
+        k1, k2 = jax.random.split(jax.random.key(seed))
+        return {
+            "image": jax.random.uniform(k1, (n, 28, 28, 1), jnp.float32),
+            "label": jax.random.randint(k2, (n,), 0, 10, jnp.int32),
+            "mask": jnp.ones((n,), jnp.float32),
+        }
+
+    rng = jax.random.key(1)
+    batch = batch_of(_BATCH.value, 0)
+
+    def step_fn(state, batch, rng):
+        return training.train_step(state, batch, rng, augmentation="none")
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, rng).compile()
+    res["compile_train_s"] = time.perf_counter() - t0
+    res["train_flops"] = _flops(compiled)
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        jax.block_until_ready(metrics)
+
+    one_step()  # warm-up
+    times = _time_steps(one_step, _STEPS.value)
+    res["train_step_s"] = statistics.median(times)
+    res["train_step_all_s"] = times
+    res["train_img_s"] = _BATCH.value / res["train_step_s"]
+    res["train_gflop_s"] = res["train_flops"] / res["train_step_s"] / 1e9
+    res["rss_train_mb"] = _vm_hwm_mb()
+
+    if _EVAL_BATCH.value > 0:
+        ebatch = batch_of(_EVAL_BATCH.value, 1)
+        t0 = time.perf_counter()
+        ecompiled = jax.jit(training.eval_step).lower(holder["state"], ebatch).compile()
+        res["compile_eval_s"] = time.perf_counter() - t0
+        res["eval_flops"] = _flops(ecompiled)
+        run_eval = lambda: jax.block_until_ready(ecompiled(holder["state"], ebatch))
+        run_eval()
+        etimes = _time_steps(run_eval, max(2, _STEPS.value // 2))
+        res["eval_step_s"] = statistics.median(etimes)
+        res["eval_img_s"] = _EVAL_BATCH.value / res["eval_step_s"]
+        res["eval_gflop_s"] = res["eval_flops"] / res["eval_step_s"] / 1e9
+        res["rss_eval_mb"] = _vm_hwm_mb()
+    res["matmul_gflop_s"] = _matmul_gflops(_MATMUL.value)
+    return res
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['variant']} | failed: {r['error']} |"
+    ev = r.get("eval_img_s")
+    return (
+        f"| {r['variant']} | {r['params']:,} | {r['init_s']:.1f} | {r['compile_train_s']:.1f} | "
+        f"{r['train_step_s']:.3f} | {r['train_img_s']:.1f} | "
+        + (f"{ev:.1f}" if ev is not None else "-")
+        + f" | {r['rss_train_mb']:.0f} / {r.get('rss_eval_mb', float('nan')):.0f} | "
+        f"{r['train_flops'] / _BATCH.value / 1e9:.2f} | {r['train_gflop_s']:.1f} | "
+        + (f"{r['eval_gflop_s']:.1f}" if ev is not None else "-")
+        + f" | {r['matmul_gflop_s']:.0f} |"
+    )
+
+
+def main(argv):
+    del argv
+    if _CHILD.value:
+        print("RESULT " + json.dumps(run_child(_CHILD.value)), flush=True)
+        return
+    unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    passthrough = [a for a in sys.argv[1:] if not a.startswith(("--variants", "--json"))]
+    results = []
+    for name in _VARIANTS.value:
+        load = _load()
+        cmd = [sys.executable, os.path.abspath(__file__), f"--child={name}", *passthrough]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            res = {"variant": name, "error": tail[0][:200]}
+        else:
+            res = json.loads(lines[-1][len("RESULT ") :])
+        res["load_before"] = load
+        results.append(res)
+        print(f"{name}: done (load {load})", file=sys.stderr, flush=True)
+    ok = [r for r in results if "error" not in r]
+    dev = ok[0]["device"] if ok else "?"
+    print(
+        f"\nbatch {_BATCH.value} (train), {_EVAL_BATCH.value} (eval), {_DTYPE.value}, "
+        f"impl={_IMPL.value or 'default'}, device {dev}, {os.cpu_count()} CPUs, "
+        f"load average now {_load()}; medians of {_STEPS.value} steps.\n"
+    )
+    print(
+        "| variant | params | init s | compile train s | train step s | train img/s | "
+        "eval img/s | peak RSS MiB train / +eval | train GFLOP/img | train GFLOP/s | "
+        "eval GFLOP/s | f32 matmul GFLOP/s |"
+    )
+    print("|" + "---|" * 12)
+    for r in results:
+        print(_row(r))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,212 @@
+"""Evaluates a training workdir: test accuracy and a rotation-robustness sweep.
+
+  python -m neural_epdo_jax.evaluate --workdir=runs/default [--checkpoint=latest]
+  python train.py --mode=eval --workdir=runs/default          # the same, best checkpoint
+
+Loads the workdir's config and its best (by test accuracy, selected on the test set as the
+reference does) or latest checkpoint, prints the test accuracy, then the accuracy on the test
+images rotated by every multiple of ``angle_step_degrees`` (bilinear, ``augment.rotate``;
+multiples of 90 degrees are exact on the grid, the others interpolated). Writes
+``rotation_sweep.json`` and ``rotation_sweep.png`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from neural_epdo_jax import augment, checkpointing, input_pipeline, training
+
+SWEEP_JSON = "rotation_sweep.json"
+SWEEP_PNG = "rotation_sweep.png"
+CHECKPOINTS = ("best", "latest")
+
+
+def load_state(
+    workdir: str, checkpoint: str = "best", image_shape: tuple[int, ...] = (28, 28, 1)
+) -> tuple[ml_collections.ConfigDict, training.TrainState, int, str]:
+    """The workdir's config and the state of its best or latest checkpoint.
+
+    Returns:
+      ``(config, state, step, which)``; ``which`` is the checkpoint actually loaded
+      ('latest' when 'best' was asked but no checkpoint has a test accuracy).
+
+    Raises:
+      NoCheckpointError: no config.json or no checkpoint in ``workdir``.
+      ValueError: ``checkpoint`` is not 'best' or 'latest'.
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+    if not checkpointing.all_steps(workdir):
+        raise checkpointing.NoCheckpointError(
+            f"{os.path.abspath(workdir)} holds no checkpoint to evaluate; train first: "
+            f"python train.py --workdir={workdir} [--config=...]"
+        )
+    config = checkpointing.load_config(workdir)
+    model = training.create_model(config)
+    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 1))
+    target = training.abstract_train_state(model, tx, tuple(image_shape))
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    try:
+        step, which = checkpointing.best_step(manager), checkpoint
+        if checkpoint == "latest" or step is None:
+            step, which = manager.latest_step(), "latest"
+        state, _ = checkpointing.restore(manager, step, target)
+    finally:
+        manager.close()
+    return config, state, step, which
+
+
+def sweep_angles(angle_step_degrees: float) -> np.ndarray:
+    """``0, step, 2 step, ...`` below 360 degrees."""
+    if not 0 < angle_step_degrees <= 360:
+        raise ValueError(f"angle_step_degrees must be in (0, 360], got {angle_step_degrees}")
+    return np.arange(0.0, 360.0 - 1e-9, angle_step_degrees)
+
+
+def rotation_sweep(
+    state: training.TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    angles_degrees: np.ndarray,
+    *,
+    batch_size: int,
+    sharding: jax.sharding.NamedSharding | None = None,
+) -> list[float]:
+    """Test accuracy of ``state`` on the images rotated by each angle (counterclockwise,
+    bilinear, about the image centre)."""
+
+    def rotated_eval_step(state, batch, angle_degrees):
+        angles = jnp.full(batch["image"].shape[:1], jnp.deg2rad(angle_degrees))  # [B]
+        images = augment.rotate(batch["image"], angles, order=1)
+        return training.eval_step(state, dict(batch, image=images))
+
+    kwargs = {} if sharding is None else {"out_shardings": training.replicated(sharding)}
+    eval_fn = jax.jit(rotated_eval_step, **kwargs)
+    accuracies = []
+    for angle in angles_degrees:
+        batches = input_pipeline.epoch_batches(
+            images, labels, batch_size, shuffle=False, sharding=sharding
+        )
+        angle = np.float32(angle)
+        metrics = training.evaluate(lambda s, b, a=angle: eval_fn(s, b, a), state, batches)
+        accuracies.append(metrics["accuracy"])
+    return accuracies
+
+
+def plot_sweep(angles: np.ndarray, accuracies: list[float], title: str, path: str) -> None:
+    """Accuracy against rotation angle as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(angles, accuracies, "o-", ms=3)
+    ax.set(xlabel="rotation of the test images (degrees)", ylabel="test accuracy", title=title)
+    ax.set_xticks(np.arange(0, 361, 45))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(
+    workdir: str,
+    *,
+    checkpoint: str = "best",
+    angle_step_degrees: float = 7.5,
+    num_test_examples: int | None = None,
+) -> dict[str, Any]:
+    """Evaluates ``workdir``: prints the test accuracy and the rotation sweep table, writes
+    the sweep as json and PNG into ``workdir``; returns what the json holds."""
+    angles = sweep_angles(angle_step_degrees)
+    config, state, step, which = load_state(workdir, checkpoint)
+    limit = config.num_test_examples if num_test_examples is None else num_test_examples
+    images, labels = training.load_split(config, config.test_split, limit)
+    sharding = input_pipeline.data_mesh_sharding()
+    if sharding is not None:
+        state = jax.device_put(state, training.replicated(sharding))
+    batch_size = config.eval_batch_size
+
+    eval_fn = jax.jit(training.eval_step)
+    test = training.evaluate(
+        eval_fn,
+        state,
+        input_pipeline.epoch_batches(images, labels, batch_size, shuffle=False, sharding=sharding),
+    )
+    print(
+        f"{workdir}: {which} checkpoint (step {step}): test accuracy {test['accuracy']:.4f} "
+        f"on {len(images)} {config.dataset} '{config.test_split}' images"
+    )
+    accuracies = rotation_sweep(
+        state, images, labels, angles, batch_size=batch_size, sharding=sharding
+    )
+    print("rotation (deg) | test accuracy")
+    for angle, accuracy in zip(angles, accuracies):
+        print(f"{angle:14.1f} | {accuracy:.4f}")
+    print(
+        f"mean over angles {np.mean(accuracies):.4f}, min {np.min(accuracies):.4f} "
+        f"at {angles[int(np.argmin(accuracies))]:g} deg"
+    )
+    result = {
+        "workdir": os.path.abspath(workdir),
+        "checkpoint": which,
+        "step": int(step),
+        "dataset": config.dataset,
+        "split": config.test_split,
+        "num_examples": len(images),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "angles_degrees": [float(a) for a in angles],
+        "rotated_accuracy": accuracies,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, SWEEP_JSON), "w") as f:
+            json.dump(result, f, indent=2)
+        plot_sweep(
+            angles,
+            accuracies,
+            f"{os.path.basename(os.path.abspath(workdir))} ({which}, step {step})",
+            os.path.join(workdir, SWEEP_PNG),
+        )
+    return result
+
+
+def main(argv: list[str]) -> None:
+    """Command-line entry point (flags below)."""
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
+    if not values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        run(
+            values.workdir,
+            checkpoint=values.checkpoint,
+            angle_step_degrees=values.angle_step_degrees,
+            num_test_examples=values.num_test_examples,
+        )
+    except (checkpointing.NoCheckpointError, ValueError) as e:
+        raise SystemExit(f"evaluate: error: {e}") from None
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+    flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which checkpoint to load.")
+    flags.DEFINE_float("angle_step_degrees", 7.5, "Spacing of the rotation sweep.")
+    flags.DEFINE_integer(
+        "num_test_examples", None, "Evaluate the first N test images (default: the config's)."
+    )
+    flags.mark_flag_as_required("workdir")
+    app.run(main)

@@ -1,0 +1,761 @@
+"""Training and evaluation of the MNIST-rot networks (SPEC 6-7): the logic behind train.py.
+
+``train_and_evaluate(config, workdir)`` trains, evaluates, checkpoints and resumes.
+``train_step`` / ``eval_step`` are pure and undecorated; they are jitted here, at the call
+site, with the state donated.
+
+Determinism: the data order is a pure function of ``(seed, epoch)`` and every step's random
+numbers (augmentation, dropout) of ``(seed, step)``, so a run interrupted at any point
+(SIGINT/SIGTERM: the current step finishes and is saved; ``kill -9``: the unfinished epoch is
+lost) and rerun ends, on CPU, with bitwise the same parameters as an uninterrupted one.
+
+Multi-device: with several local devices the batch is sharded over a 'data' mesh axis and
+the state replicated; jit partitions the step, so BatchNorm statistics, the loss and the
+metrics are over the global batch, as on one device (XLA inserts the reductions).
+Multi-host: ``config.distributed = True`` calls ``jax.distributed.initialize()`` first
+(cluster auto-detection; see its docs for explicit coordinator arguments).
+
+Reference choices kept as switches: ``reset_adam_every_epoch`` re-creates the Adam moments
+(and bias correction) at every epoch start, as the reference's per-epoch ``torch.optim.Adam``
+does; off by default. Model selection on the test set (the reference's "best") is reported
+next to the last-epoch accuracy, never instead of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax.training import train_state
+
+from neural_epdo_jax import augment, checkpointing, datasets, input_pipeline, models
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+AUGMENTATIONS = augment.METHODS
+DTYPES = ("float32", "bfloat16")
+MODELS: Mapping[str, Callable[..., nn.Module]] = {"NeuralEPDONet": models.NeuralEPDONet}
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class ConfigError(ValueError):
+    """An invalid training config (found before any data is read or anything compiled)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or non-finite parameters."""
+
+
+class TrainState(train_state.TrainState):
+    """Parameters, optimizer state and the BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The model of ``config.model_name`` built from ``config.model`` and ``config.dtype``.
+
+    Raises:
+      ValueError: unknown model name or constructor argument, or an invalid combination of
+        arguments (the model's own checks).
+    """
+    if config.model_name not in MODELS:
+        raise ValueError(
+            f"unknown config.model_name {config.model_name!r}; known: {sorted(MODELS)}."
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
+    cls = MODELS[config.model_name]
+    try:
+        return cls(**kwargs, dtype=config.dtype)
+    except TypeError as e:  # An argument the model does not take.
+        raise ValueError(f"config.model does not fit {config.model_name}: {e}") from e
+
+
+def validate_config(config: ml_collections.ConfigDict) -> nn.Module:
+    """Checks ``config`` without touching data or compiling; returns the model.
+
+    Raises:
+      ConfigError: naming every invalid value found.
+    """
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    check(
+        config.dataset in datasets.KNOWN_DATASETS,
+        f"unknown dataset {config.dataset!r}; known: {list(datasets.KNOWN_DATASETS)}",
+    )
+    check(
+        config.augmentation in AUGMENTATIONS,
+        f"unknown augmentation {config.augmentation!r}; known: {list(AUGMENTATIONS)}",
+    )
+    check(config.dtype in DTYPES, f"unknown dtype {config.dtype!r}; known: {list(DTYPES)}")
+    for key in (
+        "batch_size",
+        "eval_batch_size",
+        "num_epochs",
+        "eval_every_epochs",
+        "eval_from_epoch",
+        "log_every_steps",
+        "checkpoint_every_epochs",
+    ):
+        check(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
+    for key in ("num_train_examples", "num_test_examples"):
+        check(
+            config[key] == -1 or config[key] >= 1,
+            f"{key} must be -1 (all) or >= 1, got {config[key]}",
+        )
+    boundaries, scales = tuple(config.lr_boundaries_epochs), tuple(config.lr_scales)
+    check(
+        len(boundaries) == len(scales),
+        f"lr_boundaries_epochs {boundaries} and lr_scales {scales} differ in length",
+    )
+    check(
+        all(b >= 1 for b in boundaries) and all(a < b for a, b in zip(boundaries, boundaries[1:])),
+        f"lr_boundaries_epochs {boundaries} must be increasing epochs counted from 1",
+    )
+    try:
+        model = create_model(config)
+    except ValueError as e:
+        problems.append(f"model: {e}")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return model
+
+
+# -------------------------------------------------------------------- optimisation
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """Piecewise constant LR: epoch ``b`` of ``lr_boundaries_epochs`` (counted from 1) is the
+    first epoch at the rate scaled by the matching ``lr_scales`` entry (scales accumulate).
+
+    The reference's ``for epoch in range(1, 200): if epoch == 60: lr *= 0.1 ...`` is
+    boundaries (60, 120, 150, 180) with scales (0.1, 0.5, 0.5, 0.5): 2e-3 for epochs 1-59,
+    2e-4 for 60-119, 1e-4 for 120-149, 5e-5 for 150-179, 2.5e-5 from 180.
+    """
+    boundaries_and_scales = {
+        (int(b) - 1) * steps_per_epoch: float(s)
+        for b, s in zip(config.lr_boundaries_epochs, config.lr_scales)
+    }
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries_and_scales)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """Adam with L2 added to the gradient before the moments (PyTorch ``Adam(weight_decay)``,
+    i.e. coupled, not AdamW), then the learning rate."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def reset_adam_state(opt_state: optax.OptState, reset: jax.Array) -> optax.OptState:
+    """Zeroes every Adam state (moments and count) in ``opt_state`` where ``reset`` is true:
+    a freshly created Adam, as the reference's per-epoch optimizer. The schedule's own step
+    count is kept."""
+
+    def maybe_reset(s):
+        if isinstance(s, optax.ScaleByAdamState):
+            return jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), s)
+        return s
+
+    return jax.tree.map(
+        maybe_reset, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState)
+    )
+
+
+def _init_fn(
+    model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
+) -> Callable[[jax.Array], TrainState]:
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        state = TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            tx=tx,
+        )
+        # A strongly typed step counter, as a restored one is.
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    return init
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+) -> TrainState:
+    """Initialises the model's variables on one ``[1, *image_shape]`` input.
+
+    The initialiser runs once, so it is compiled without backend optimisations: on CPU that
+    cuts its compile time several-fold (the values are the same random draws).
+    """
+    init = jax.jit(
+        _init_fn(model, tx, image_shape),
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    return init(rng)
+
+
+def abstract_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
+) -> TrainState:
+    """The shapes and dtypes of :func:`create_train_state`'s result, computing nothing."""
+    return jax.eval_shape(_init_fn(model, tx, image_shape), jax.random.key(0))
+
+
+# ----------------------------------------------------------------------- the steps
+
+
+def metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
+    """Masked sums: cross-entropy ``loss``, ``correct`` predictions and example ``count``."""
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return {
+        "loss": jnp.sum(losses * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    augmentation: str = "none",
+    adam_reset_every_steps: int = 0,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step on the masked mean cross-entropy of an augmented batch.
+
+    Args:
+      state: the train state.
+      batch: ``image`` [B, H, W, 1] float32, ``label`` [B] int32, ``mask`` [B] float32 (0 for
+        padding, which then counts nothing in the loss, gradient and metrics).
+      rng: the run's training key; this step uses ``fold_in(rng, state.step)``.
+      augmentation: an ``augment.augment`` method.
+      adam_reset_every_steps: if > 0, Adam restarts at steps divisible by it (one epoch:
+        the reference's per-epoch optimizer).
+
+    Returns:
+      The new state and the step's metric sums (see :func:`metric_sums`) plus ``finite``:
+      whether the loss and the new parameters are finite.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    augment_rng, dropout_rng = jax.random.split(step_rng)
+    images = augment.augment(augment_rng, batch["image"], augmentation)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_rng},
+            mutable=["batch_stats"],
+        )
+        sums = metric_sums(logits, batch["label"], batch["mask"])
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
+
+    (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if adam_reset_every_steps > 0:
+        reset = state.step % adam_reset_every_steps == 0
+        state = state.replace(opt_state=reset_adam_state(state.opt_state, reset))
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    sums["finite"] = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(new_state.params))
+    return new_state, sums
+
+
+def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    """Masked metric sums of the model in inference mode (running BatchNorm statistics)."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    return metric_sums(logits, batch["label"], batch["mask"])
+
+
+def evaluate(
+    eval_fn: Callable[[TrainState, Batch], Metrics],
+    state: TrainState,
+    batches: Iterable[Batch],
+) -> dict[str, float]:
+    """Mean ``loss`` and ``accuracy`` of ``eval_fn`` (a jitted :func:`eval_step`) over
+    ``batches``; the sums stay on device until the end."""
+    total = None
+    for batch in batches:
+        sums = eval_fn(state, batch)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    total = jax.device_get(total)
+    count = max(float(total["count"]), 1.0)
+    return {"loss": float(total["loss"]) / count, "accuracy": float(total["correct"]) / count}
+
+
+def jit_steps(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    sharding: jax.sharding.NamedSharding | None,
+) -> tuple[Callable, Callable]:
+    """``train_step`` and ``eval_step`` jitted for ``config`` (state donated to training);
+    with a data mesh their outputs are replicated."""
+    train_fn = functools.partial(
+        train_step,
+        augmentation=config.augmentation,
+        adam_reset_every_steps=steps_per_epoch if config.reset_adam_every_epoch else 0,
+    )
+    kwargs = {}
+    if sharding is not None:
+        kwargs["out_shardings"] = replicated(sharding)
+    return (
+        jax.jit(train_fn, donate_argnums=(0,), **kwargs),
+        jax.jit(eval_step, **kwargs),
+    )
+
+
+def _state_sharding(data_sharding: jax.sharding.NamedSharding | None) -> jax.sharding.Sharding:
+    if data_sharding is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return replicated(data_sharding)
+
+
+def replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    """The fully replicated sharding on ``sharding``'s mesh."""
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+# -------------------------------------------------------------------------- the loop
+
+
+def load_split(
+    config: ml_collections.ConfigDict, split: str, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of a split of ``config.dataset``; with ``limit`` != -1 a fixed
+    subset of ``limit`` examples (the same on every run: seed 0, in the split's order; splits
+    may be sorted by class, so not simply the first ones)."""
+    images, labels = datasets.load(
+        config.dataset,
+        split,
+        data_dir=config.data_dir or None,
+        manual_dir=config.manual_dir or None,
+        idx_dir=config.idx_dir or None,
+        rotate=config.dataset == "idx" and config.idx_rotate,
+    )
+    if limit != -1 and limit < len(images):
+        keep = np.sort(np.random.default_rng(0).permutation(len(images))[:limit])
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handler: asks the loop to stop after the current step (main thread
+    only; a second signal gets the previous handler's behaviour)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+def _read_metrics(path: str, max_step: int) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` up to ``max_step``; rewrites the file without the
+    later ones (left by a run killed after logging but before its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r["step"] <= max_step]
+    if len(kept) != len(records) and jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+    return kept
+
+
+class _MetricsWriter:
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def best_epoch(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluated epoch record with the highest test accuracy (the latest among ties,
+    as the checkpoint manager keeps it)."""
+    best = None
+    for r in records:
+        if "test_accuracy" in r and (best is None or r["test_accuracy"] >= best["test_accuracy"]):
+            best = r
+    return best
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    """One line with the last-epoch and the best test accuracy."""
+    if result.get("test_accuracy") is None:
+        return f"stopped at step {result['step']} before a test evaluation; rerun to resume"
+    line = f"test accuracy: {result['test_accuracy']:.4f} (last epoch)"
+    if result.get("interrupted"):
+        line = line.replace(
+            "(last epoch)", f"(epoch {result['test_epoch']}; interrupted, rerun to resume)"
+        )
+    if result.get("best_test_accuracy") is not None:
+        line += (
+            f" | best {result['best_test_accuracy']:.4f} at epoch {result['best_epoch']}"
+            " (selected on the test set, as the reference does)"
+        )
+    return line
+
+
+def plot_curves(records: list[dict[str, Any]], path: str) -> None:
+    """Training loss, train and test accuracy per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not epochs:
+        return
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], "o-")
+    ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", yscale="log")
+    ax_acc.plot(
+        [r["epoch"] for r in epochs], [r["train_accuracy"] for r in epochs], "o-", label="train"
+    )
+    tested = [r for r in epochs if "test_accuracy" in r]
+    ax_acc.plot(
+        [r["epoch"] for r in tested], [r["test_accuracy"] for r in tested], "s-", label="test"
+    )
+    ax_acc.set(xlabel="epoch", ylabel="accuracy")
+    ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating on
+    the test split; returns the final metrics.
+
+    Writes ``config.json``, ``checkpoints/`` (latest + best), ``metrics.jsonl`` (a record
+    every ``log_every_steps`` steps and one per epoch) and ``training_curves.png``.
+
+    Returns:
+      ``test_accuracy`` (last epoch), ``best_test_accuracy`` / ``best_epoch`` (selected on the
+      test set), ``train_loss``, ``train_accuracy``, ``epoch``, ``step``, ``images_per_s``
+      (training throughput after the first step of this session), ``wall_time_s`` and
+      ``interrupted`` (True if stopped by SIGINT/SIGTERM; rerun to resume).
+
+    Raises:
+      ValueError: invalid config; IncompatibleWorkdirError: the workdir belongs to another
+        config (both before any data is read or anything compiled).
+      NonFiniteLossError: the loss or parameters became non-finite (the last checkpoint,
+        from before, stays).
+    """
+    wall_start = time.time()
+    if config.distributed:
+        jax.distributed.initialize()
+    model = validate_config(config)
+    sharding = input_pipeline.data_mesh_sharding()
+    num_shards = 1 if sharding is None else sharding.mesh.size
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_shards:
+            raise ConfigError(f"{key}={config[key]} is not divisible by the {num_shards} devices.")
+    workdir = os.path.abspath(workdir)
+    checkpointing.check_and_save_config(config, workdir)
+
+    # Data.
+    train_images, train_labels = load_split(config, config.train_split, config.num_train_examples)
+    test_images, test_labels = load_split(config, config.test_split, config.num_test_examples)
+    steps_per_epoch = input_pipeline.num_batches(len(train_images), config.batch_size)
+    total_steps = steps_per_epoch * config.num_epochs
+    _log(
+        f"{config.dataset}: {len(train_images)} training / {len(test_images)} test images, "
+        f"{steps_per_epoch} steps per epoch, {config.num_epochs} epochs, "
+        f"{num_shards} device(s) ({jax.devices()[0].platform})"
+    )
+
+    # State: the latest checkpoint, or a fresh one.
+    schedule = create_learning_rate_schedule(config, steps_per_epoch)
+    tx = create_optimizer(config, schedule)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    image_shape = train_images.shape[1:]
+    manager = checkpointing.create_manager(workdir)
+    latest = manager.latest_step()
+    if latest is None:
+        state = create_train_state(init_rng, model, tx, image_shape)
+        # Committed like a restored state, so that fresh and resumed runs share one program.
+        state = jax.device_put(state, _state_sharding(sharding))
+        progress = {}
+        step = 0
+    else:
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_state_sharding(sharding)),
+            abstract_train_state(model, tx, image_shape),
+        )
+        state, progress = checkpointing.restore(manager, latest, target)
+        step = int(jax.device_get(state.step))
+        if progress.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise checkpointing.IncompatibleWorkdirError(
+                f"{workdir}: the checkpoint has {progress['steps_per_epoch']} steps per epoch, "
+                f"this config {steps_per_epoch}; the dataset changed. Use another --workdir."
+            )
+        _log(f"resumed from {manager.directory} at step {step} (epoch {step / steps_per_epoch:g})")
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    _log(f"{config.model_name}: {num_params:,} trainable parameters")
+
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    records = _read_metrics(metrics_path, step)
+    writer = _MetricsWriter(metrics_path)
+    train_fn, eval_fn = jit_steps(config, steps_per_epoch, sharding)
+
+    def test_batches():
+        return input_pipeline.epoch_batches(
+            test_images, test_labels, config.eval_batch_size, shuffle=False, sharding=sharding
+        )
+
+    best = best_epoch(records)
+    epoch_record = next((r for r in reversed(records) if r.get("kind") == "epoch"), None)
+    throughput = []  # (images, seconds) per epoch, not counting this session's first step.
+    timing = {"start": None, "images": 0}
+    interrupted = False
+
+    try:
+        with _StopRequest() as stop:
+            for epoch in range(step // steps_per_epoch, config.num_epochs):
+                skip = step - epoch * steps_per_epoch
+                sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+                if skip:
+                    sums.update(progress.get("epoch_sums", {}))
+                window = {"loss": 0.0, "count": 0.0}
+                bar = tqdm.tqdm(
+                    total=steps_per_epoch,
+                    initial=skip,
+                    desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                    unit="step",
+                    leave=False,
+                    disable=not config.progress_bar or jax.process_index() != 0,
+                )
+                if timing["start"] is not None:
+                    timing.update(start=time.time(), images=0)
+
+                def consume(step_metrics, at_step, epoch=epoch, sums=sums, window=window, bar=bar):
+                    """Host side of a finished step: finiteness check, sums, logging."""
+                    m = jax.device_get(step_metrics)
+                    if not m["finite"]:
+                        raise NonFiniteLossError(
+                            f"non-finite loss or parameters at step {at_step} (epoch "
+                            f"{epoch + 1}, batch {at_step - epoch * steps_per_epoch}/"
+                            f"{steps_per_epoch}; summed batch loss {float(m['loss'])}). "
+                            f"Stopped; the last good checkpoint (step {manager.latest_step()})"
+                            f" in {manager.directory} is kept. Lower the learning rate?"
+                        )
+                    for key in sums:
+                        sums[key] += float(m[key])
+                    for key in window:
+                        window[key] += float(m[key])
+                    bar.update(1)
+                    if at_step % config.log_every_steps == 0 or at_step == total_steps:
+                        loss = window["loss"] / max(window["count"], 1.0)
+                        seconds = time.time() - (timing["start"] or time.time())
+                        rate = timing["images"] / seconds if seconds > 0 else 0.0
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                        writer.write(
+                            {
+                                "kind": "train",
+                                "step": at_step,
+                                "epoch": at_step / steps_per_epoch,
+                                "train_loss": loss,
+                                "learning_rate": float(schedule(at_step - 1)),
+                            }
+                        )
+                        window.update(loss=0.0, count=0.0)
+
+                batches = input_pipeline.epoch_batches(
+                    train_images,
+                    train_labels,
+                    config.batch_size,
+                    shuffle=True,
+                    seed=config.seed,
+                    epoch=epoch,
+                    sharding=sharding,
+                )
+                pending = None
+                for batch in itertools.islice(batches, skip, None):
+                    if timing["start"] is None:
+                        compile_start = time.time()
+                        state, step_metrics = train_fn(state, batch, train_rng)
+                        jax.block_until_ready(step_metrics)
+                        seconds = time.time() - compile_start
+                        _log(f"first train step (compile included): {seconds:.1f}s")
+                        timing["start"] = time.time()
+                    else:
+                        state, step_metrics = train_fn(state, batch, train_rng)
+                        timing["images"] += config.batch_size
+                    step += 1
+                    if pending is not None:
+                        consume(*pending)
+                    pending = (step_metrics, step)
+                    if stop.signum is not None:
+                        break
+                if pending is not None:
+                    consume(*pending)
+                bar.close()
+                if timing["images"]:
+                    throughput.append((timing["images"], time.time() - timing["start"]))
+
+                if stop.signum is not None and step < (epoch + 1) * steps_per_epoch:
+                    if manager.latest_step() != step:
+                        progress = {"epoch_sums": sums, "steps_per_epoch": steps_per_epoch}
+                        checkpointing.save(manager, step, state, progress)
+                    interrupted = True
+                    break
+
+                # End of the epoch: train metrics, evaluation, record, checkpoint.
+                count = max(sums["count"], 1.0)
+                epoch_record = {
+                    "kind": "epoch",
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "train_loss": sums["loss"] / count,
+                    "train_accuracy": sums["correct"] / count,
+                    "learning_rate": float(schedule(step - 1)),
+                }
+                if timing["images"]:
+                    epoch_record["images_per_s"] = throughput[-1][0] / throughput[-1][1]
+                last_epoch = epoch + 1 == config.num_epochs
+                evaluate_now = last_epoch or (
+                    epoch + 1 >= config.eval_from_epoch
+                    and (epoch + 1 - config.eval_from_epoch) % config.eval_every_epochs == 0
+                )
+                new_best = False
+                if evaluate_now:
+                    eval_start = time.time()
+                    test = evaluate(eval_fn, state, test_batches())
+                    epoch_record.update(
+                        test_loss=test["loss"],
+                        test_accuracy=test["accuracy"],
+                        eval_time_s=time.time() - eval_start,
+                    )
+                    new_best = best is None or test["accuracy"] >= best["test_accuracy"]
+                    if new_best:
+                        best = epoch_record
+                writer.write(epoch_record)
+                records.append(epoch_record)
+                _log(_format_epoch(epoch_record, config.num_epochs))
+                if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or new_best:
+                    checkpointing.save(
+                        manager,
+                        step,
+                        state,
+                        {"steps_per_epoch": steps_per_epoch},
+                        test_accuracy=epoch_record.get("test_accuracy"),
+                    )
+                if stop.signum is not None:
+                    if manager.latest_step() != step:
+                        checkpointing.save(
+                            manager, step, state, {"steps_per_epoch": steps_per_epoch}
+                        )
+                    interrupted = True
+                    break
+    finally:
+        manager.close()
+
+    if interrupted:
+        _log(
+            f"stopped by signal {stop.signum} at step {step}; checkpoint saved in "
+            f"{checkpointing.checkpoint_dir(workdir)}. Rerun the same command to resume."
+        )
+    elif jax.process_index() == 0:
+        plot_curves(records, os.path.join(workdir, CURVES_FILE))
+
+    if not interrupted and (epoch_record is None or "test_accuracy" not in epoch_record):
+        # A finished run resumed without its metrics.jsonl: evaluate the final state.
+        test = evaluate(eval_fn, state, test_batches())
+        epoch_record = dict(epoch_record or {}, test_accuracy=test["accuracy"])
+    epoch_record = epoch_record or {}
+    images, seconds = (sum(x) for x in zip(*throughput)) if throughput else (0, 0.0)
+    return {
+        "test_accuracy": epoch_record.get("test_accuracy"),
+        "test_epoch": epoch_record.get("epoch"),
+        "best_test_accuracy": None if best is None else best["test_accuracy"],
+        "best_epoch": None if best is None else best["epoch"],
+        "train_loss": epoch_record.get("train_loss", math.nan),
+        "train_accuracy": epoch_record.get("train_accuracy", math.nan),
+        "epoch": step / steps_per_epoch,
+        "step": step,
+        "num_params": num_params,
+        "images_per_s": images / seconds if seconds else math.nan,
+        "wall_time_s": time.time() - wall_start,
+        "interrupted": interrupted,
+        "workdir": workdir,
+    }
+
+
+def _format_epoch(record: Mapping[str, Any], num_epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{num_epochs}"]
+    for key, fmt in (
+        ("train_loss", "{:.4f}"),
+        ("train_accuracy", "{:.4f}"),
+        ("test_accuracy", "{:.4f}"),
+        ("learning_rate", "{:.3g}"),
+        ("images_per_s", "{:.1f}"),
+    ):
+        if key in record:
+            parts.append(f"{key} " + fmt.format(record[key]))
+    return " | ".join(parts)
