@@ -1,0 +1,142 @@
+"""GPU throughput of the four paper variants and the projected wall time of the paper's
+protocol (used by benchmarks/gpu_check.sh; runs on CPU too, slowly).
+
+Self-contained on purpose (jax, flax, optax and the model only), so that it runs on a GPU
+machine without the data stack. The step is the training step's computation: forward,
+cross-entropy, backward, coupled-L2 Adam update; eval is a forward pass in eval mode.
+
+  python benchmarks/gpu_bench.py [--budget_s=300] [--variants=R-gauss,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from neural_epdo_jax import models  # noqa: E402
+
+VARIANTS = {
+    "R-fd": dict(),
+    "R-gauss": dict(discretisation="gauss"),
+    "Q-gauss": dict(
+        field_type="regular+quo_4",
+        channels=(12, 16, 24, 24, 32, 64),
+        s=1,
+        reduction=2,
+        discretisation="gauss",
+    ),
+    "D-gauss": dict(flip=True, channels=(12, 16, 24, 24, 32, 64), s=1, discretisation="gauss"),
+}
+# (dtype, train batch, eval batch), most important first: the budget may cut the tail.
+SETTINGS = [
+    ("float32", 64, 256),
+    ("bfloat16", 64, 256),
+    ("float32", 256, 1024),
+    ("bfloat16", 256, 1024),
+]
+
+
+def measure(name: str, dtype: str, batch: int, eval_batch: int, steps: int) -> dict:
+    model = models.NeuralEPDONet(**VARIANTS[name], dtype=dtype)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.uniform(key, (batch, 28, 28, 1))
+    y = jax.random.randint(key, (batch,), 0, 10)
+    variables = jax.jit(functools.partial(model.init, train=False))(key, x[:2])
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
+    params, stats = variables["params"], variables["batch_stats"]
+    opt = tx.init(params)
+
+    def loss_fn(p, s, x, y, rng):
+        logits, upd = model.apply(
+            {"params": p, "batch_stats": s},
+            x,
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(p, s, o, x, y, rng):
+        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s, x, y, rng)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), upd["batch_stats"], o, loss
+
+    @jax.jit
+    def eval_step(p, s, x):
+        return model.apply({"params": p, "batch_stats": s}, x, train=False)
+
+    t0 = time.perf_counter()
+    params, stats, opt, loss = train_step(params, stats, opt, x, y, key)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, stats, opt, loss = train_step(params, stats, opt, x, y, jax.random.fold_in(key, i))
+    loss.block_until_ready()
+    train_ips = steps * batch / (time.perf_counter() - t0)
+    xe = jax.random.uniform(key, (eval_batch, 28, 28, 1))
+    eval_step(params, stats, xe).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = eval_step(params, stats, xe)
+    out.block_until_ready()
+    eval_ips = steps * eval_batch / (time.perf_counter() - t0)
+    # Paper protocol: 199 epochs x 12,000 training images; the reference evaluates the 50,000
+    # test images at every epoch from 60 on (140 evaluations).
+    proj_min = (199 * 12_000 / train_ips + 140 * 50_000 / eval_ips) / 60
+    return dict(
+        variant=name,
+        dtype=dtype,
+        batch=batch,
+        compile_s=compile_s,
+        train_ips=train_ips,
+        eval_batch=eval_batch,
+        eval_ips=eval_ips,
+        protocol_min=proj_min,
+        loss=float(loss),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget_s", type=float, default=300.0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.devices()}")
+    start = time.perf_counter()
+    rows = []
+    header = f"{'variant':9} {'dtype':8} {'batch':>5} {'compile s':>9} {'train img/s':>11} {'eval bs':>7} {'eval img/s':>10} {'protocol min':>12}"
+    print(header)
+    for dtype, batch, eval_batch in SETTINGS:
+        for name in args.variants.split(","):
+            if time.perf_counter() - start > args.budget_s:
+                print(f"(budget of {args.budget_s:.0f} s spent: skipped {name} {dtype} {batch})")
+                continue
+            try:
+                r = measure(name, dtype, batch, eval_batch, args.steps)
+            except Exception as e:  # keep going: report what failed
+                print(f"{name:9} {dtype:8} {batch:>5} FAILED: {type(e).__name__}: {e}"[:300])
+                continue
+            rows.append(r)
+            print(
+                f"{r['variant']:9} {r['dtype']:8} {r['batch']:>5} {r['compile_s']:>9.1f} "
+                f"{r['train_ips']:>11.0f} {r['eval_batch']:>7} {r['eval_ips']:>10.0f} "
+                f"{r['protocol_min']:>12.1f}",
+                flush=True,
+            )
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
