@@ -19,7 +19,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from neural_epdo_jax import models  # noqa: E402
@@ -116,7 +115,10 @@ def main() -> None:
     print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.devices()}")
     start = time.perf_counter()
     rows = []
-    header = f"{'variant':9} {'dtype':8} {'batch':>5} {'compile s':>9} {'train img/s':>11} {'eval bs':>7} {'eval img/s':>10} {'protocol min':>12}"
+    header = (
+        f"{'variant':9} {'dtype':8} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
+        f"{'eval bs':>7} {'eval img/s':>10} {'protocol min':>12}"
+    )
     print(header)
     for dtype, batch, eval_batch in SETTINGS:
         for name in args.variants.split(","):
