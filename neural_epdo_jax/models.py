@@ -66,6 +66,9 @@ class NeuralEPDONet(nn.Module):
                 f"unknown discretisation {self.discretisation!r}; known: "
                 f"{', '.join(stencils.discretisations())}."
             )
+        # Builds (and caches) the stencils: a size the order cannot use, or a registered
+        # discretisation returning bad stencils, fails here rather than at the first trace.
+        stencils.stencils(self.discretisation, self.order, self.kernel_size)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.g != -1 and self.g < 1:
