@@ -6,6 +6,7 @@ bases on every call (no cached kernels, so evaluation always uses the current pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -191,11 +192,9 @@ class EquivariantLinear(nn.Module):
         return apply_linear_fourier(x.astype(dt), w, group, u_in, u_out, self.groups)
 
 
-def _grouped_weight(
-    mod: nn.Module, basis_np: np.ndarray, in_type: fields.FieldType, f_out: int, s: int
-) -> jax.Array:
-    """Declares the 1x1 layers' weights [F_in/s, F_out, n] (coefficients of ``basis_np``
-    [n, d_out, d_in])."""
+def _weight_spec(basis_np: np.ndarray, in_type: fields.FieldType, f_out: int, s: int):
+    """(name, init, shape) of the 1x1 layers' weights [F_in/s, F_out, n] (coefficients of
+    ``basis_np`` [n, d_out, d_in])."""
     n, d_out, _ = basis_np.shape
     f_in = in_type.num_fields
     if f_in % s or f_out % s:
@@ -204,8 +203,83 @@ def _grouped_weight(
             f"output fields ({f_out})."
         )
     fi = f_in // s
-    init = reference_init(float(np.sum(basis_np**2)), fi, d_out)
-    return mod.param("weight", init, (fi, f_out, n))
+    return ("weight", reference_init(float(np.sum(basis_np**2)), fi, d_out), (fi, f_out, n))
+
+
+def _grouped_weight(
+    mod: nn.Module, basis_np: np.ndarray, in_type: fields.FieldType, f_out: int, s: int
+) -> jax.Array:
+    """Declares the 1x1 layers' weights (see `_weight_spec`)."""
+    return mod.param(*_weight_spec(basis_np, in_type, f_out, s))
+
+
+class _Params(nn.Module):
+    """Declares parameters exactly as a layer does (same names, order, inits), without
+    computing anything: the fast path reads the weights of its sub-layers through it."""
+
+    specs: tuple
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, ...]:
+        return tuple(self.param(name, init, shape) for name, init, shape in self.specs)
+
+
+def _group_mask(f_out: int, s: int, mi: int) -> np.ndarray:
+    """[F_out, s * mi] 0/1: output field o sees the input block of its group (o // (F_out/s))."""
+    fo = f_out // s
+    mask = np.zeros((f_out, s, mi))
+    for o in range(f_out):
+        mask[o, o // fo] = 1.0
+    return mask.reshape(f_out, s * mi)
+
+
+# ----------------------------------------------------------------------------------------
+# The fast path: group-Fourier coordinates, channel-major ("CM") arrays [d, F, N]
+# (component, field, pixels), so that every channel mixing is one plain matrix product with
+# the pixels as its long axis and no transposes in between.
+
+
+def linear_blocks(
+    weight: jax.Array, group: groups.Group, in_unit: fields.Unit, out_unit: fields.Unit, s: int = 1
+) -> jax.Array:
+    """Fourier blocks [K, Y * F_out, X * F_in] (rows (y, o), columns (x, i)) of the grouped
+    equivariant map with coefficients ``weight`` [F_in / s, F_out, n] (`bases.linear_basis`).
+    Groups are block-diagonal zeros (cheap: the blocks are small)."""
+    fb = jnp.asarray(bases.linear_basis_fourier(group, in_unit, out_unit), jnp.float32)
+    fi, f_out, _ = weight.shape
+    k, yw, xw = fb.shape[1:]
+    blocks = jnp.einsum("ion,nkyx->kyoxi", weight, fb)  # [K, Y, F_out, X, F_in / s]
+    if s > 1:
+        mask = jnp.asarray(_group_mask(f_out, s, fi), jnp.float32)  # [F_out, F_in]
+        blocks = jnp.einsum("kyoxi,oji->kyoxji", blocks, mask.reshape(f_out, s, fi))
+    return blocks.reshape(k, yw * f_out, xw * fi * s)
+
+
+def apply_linear_cm(
+    x: jax.Array, blocks: jax.Array, phi_in: np.ndarray, phi_out: np.ndarray
+) -> jax.Array:
+    """[d_in, F_in, N] -> [d_out, F_out, N]: transform, one block product per slot, inverse.
+
+    ``A = sum_k Phi_out[k]^T B_k Phi_in[k]`` (see `bases.fourier_matrix`)."""
+    d_in, f_in, n = x.shape
+    k, xw, _ = phi_in.shape
+    yw, d_out = phi_out.shape[1:]
+    dt = x.dtype
+    fwd = jnp.asarray(phi_in.reshape(k * xw, d_in), dt)
+    xh = jnp.dot(fwd, x.reshape(d_in, f_in * n)).reshape(k, xw * f_in, n)  # [K, (x, i), N]
+    yh = jnp.matmul(blocks.astype(dt), xh)  # [K, (y, o), N]
+    inv = jnp.asarray(phi_out.reshape(k * yw, d_out).T, dt)
+    return jnp.dot(inv, yh.reshape(k * yw, -1)).reshape(d_out, -1, n)
+
+
+def to_cm(x: jax.Array, d: int) -> jax.Array:
+    """[..., F * d] (field-major) -> [d, F, P] with P the flattened leading axes."""
+    return jnp.transpose(x.reshape(-1, x.shape[-1] // d, d), (2, 1, 0))
+
+
+def from_cm(y: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+    """[d, F, P] -> [*lead, F * d]."""
+    return jnp.transpose(y, (2, 1, 0)).reshape(lead + (-1,))
 
 
 def apply_linear_fourier(
@@ -223,7 +297,7 @@ def apply_linear_fourier(
     rotation-frequency slots (`bases.fourier_slots`), so with the orthonormal transforms
     ``Phi`` of `bases.fourier_matrix`, ``A = sum_k Phi_out[k]^T B_k Phi_in[k]``: one small
     dense block per slot and field pair (C16 regular: 8 blocks of 2 x 2, 32 multiply-adds
-    instead of 256; D16: 8 x 4 x 4 instead of 1024), plus one transform per field on each side.
+    instead of 256; D16: 8 x 4 x 4 instead of 1024), plus one transform per field each side.
 
     Args:
       x: [..., F_in * d_in] (the compute dtype).
@@ -231,53 +305,37 @@ def apply_linear_fourier(
     Returns:
       [..., F_out * d_out].
     """
-    phi_in = bases.fourier_matrix(group, in_unit)  # [K, X, d_in]
-    phi_out = bases.fourier_matrix(group, out_unit)  # [K, Y, d_out]
-    fb = bases.linear_basis_fourier(group, in_unit, out_unit)  # [n, K, Y, X]
-    fi, f_out, _ = weight.shape
-    k, xw, d_in = phi_in.shape
-    yw, d_out = phi_out.shape[1:]
-    fo, dt, lead = f_out // s, x.dtype, x.shape[:-1]
-    blocks = jnp.einsum("ion,nkyx->kixoy", weight, jnp.asarray(fb, jnp.float32))
-    blocks = blocks.reshape(k, fi * xw, s, fo * yw).transpose(0, 2, 1, 3)  # [K, s, I, O]
-    xh = jnp.einsum("psid,kxd->kspix", x.reshape(-1, s, fi, d_in), jnp.asarray(phi_in, dt))
-    xh = xh.reshape(k, s, -1, fi * xw)  # [K, s, P, fi * X]
-    yh = jnp.einsum("kspi,ksio->kspo", xh, blocks.astype(dt))  # [K, s, P, fo * Y]
-    yh = yh.reshape(k, s, -1, fo, yw)
-    y = jnp.einsum("kspoy,kye->psoe", yh, jnp.asarray(phi_out, dt))  # [P, s, fo, d_out]
-    return y.reshape(lead + (f_out * d_out,))
+    phi_in = bases.fourier_matrix(group, in_unit)
+    phi_out = bases.fourier_matrix(group, out_unit)
+    blocks = linear_blocks(weight, group, in_unit, out_unit, s)
+    y = apply_linear_cm(to_cm(x, phi_in.shape[2]), blocks, phi_in, phi_out)
+    return from_cm(y, x.shape[:-1])
 
 
-def generator_taps_fourier(
-    h: jax.Array,
-    weight: jax.Array,
-    unit_type: fields.FieldType,
-    discretisation: str,
-    max_order: int,
-    kernel_size: int,
-    s: int,
-) -> jax.Array:
-    """The generator's taps from its weights, in the factored form of
-    `bases.generator_fourier`: group-Fourier block products into the untwisted coefficients
-    (a group convolution), one inverse transform, one small matrix per component to taps.
-    Equals the dense ``GeneratorLinear`` output (rearranged) up to round-off.
+@dataclasses.dataclass(frozen=True)
+class _GeneratorPlan:
+    group: groups.Group
+    unit: fields.Unit
+    discretisation: str
+    max_order: int
+    kernel_size: int
+    s: int
 
-    Args:
-      h: [P, M * |G|] hidden regular fields (the compute dtype).
-      weight: [M / s, g, n] coefficients of `bases.generator_basis`.
-    Returns:
-      [kernel_size^2, P, g, field_size] (tap-major).
-    """
-    group, unit = unit_type.group, unit_type.unit
-    gf = bases.generator_fourier(group, unit, discretisation, max_order, kernel_size)
-    phi = bases.fourier_matrix(group, (("regular", 1),))  # [K, b, |G|]
+
+def generator_blocks(
+    weight: jax.Array, plan: _GeneratorPlan
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """From the generator's weights [M / s, g, n] (`bases.generator_basis`) to
+    (Fourier blocks [K, (y, r, a, o), (x, m)] of the untwisted group convolution, or None;
+    dense kernel [(c, tap, o), (h, m)] of the non-regular blocks, or None)."""
+    gf = bases.generator_fourier(
+        plan.group, plan.unit, plan.discretisation, plan.max_order, plan.kernel_size
+    )
     mi, g, _ = weight.shape
-    go, order, (k, b, _) = g // s, group.order, phi.shape
-    a, taps = gf.untwist.shape[1], kernel_size**2
-    dt, p = h.dtype, h.shape[0]
-    parts = []
+    order, a = plan.group.order, gf.untwist.shape[1]
+    mask = jnp.asarray(_group_mask(g, plan.s, mi).reshape(g, plan.s, mi), jnp.float32)
+    fourier = dense = None
     if gf.regular_blocks:
-        r = len(gf.regular_blocks)
         w = jnp.stack(
             [
                 weight[..., st : st + order * a].reshape(mi, g, order, a)
@@ -286,25 +344,51 @@ def generator_taps_fourier(
             axis=3,
         )  # [mi, g, |G|, R, A]
         w = jnp.einsum("iolrx,lxa->iolra", w, jnp.asarray(gf.untwist, jnp.float32))
-        blocks = jnp.einsum("iolra,lkyx->kixoray", w, jnp.asarray(gf.shifts, jnp.float32))
-        blocks = blocks.reshape(k, mi * b, s, go * r * a * b).transpose(0, 2, 1, 3).astype(dt)
-        hh = jnp.einsum("psih,kxh->kspix", h.reshape(p, s, mi, order), jnp.asarray(phi, dt))
-        zh = jnp.einsum("kspi,ksio->kspo", hh.reshape(k, s, p, mi * b), blocks)
-        zh = zh.reshape(k, s, p, go, r, a, b)
-        z = jnp.einsum("ksporay,kyc->cpsora", zh, jnp.asarray(phi, dt))  # untwisted, [|G|, ...]
-        t = jnp.einsum("cpsora,cta->tpsorc", z, jnp.asarray(gf.taps, dt))
-        t = t.reshape(taps, p, g, r, order)
-        parts += [(off, t[:, :, :, j]) for j, (off, _) in enumerate(gf.regular_blocks)]
+        shifts = jnp.asarray(gf.shifts, jnp.float32)  # [|G|, K, b, b]
+        blk = jnp.einsum("iolra,lkyx,oji->kyraoxji", w, shifts, mask)
+        k, b = shifts.shape[1:3]
+        fourier = blk.reshape(k, -1, b * plan.s * mi)
     if gf.dense_offsets:
-        kernel = expand_linear_kernel(weight, gf.dense, s).astype(dt)
-        rest = apply_linear_kernel(h, kernel).reshape(p, g, -1, taps)
-        rest = jnp.transpose(rest, (3, 0, 1, 2))  # [T, P, g, d_rest]
+        rows = jnp.asarray(gf.dense, jnp.float32)  # [n, d_rest * taps, |G|]
+        dense = jnp.einsum("ion,nqh,oji->qohji", weight, rows, mask)
+        dense = dense.reshape(rows.shape[1] * g, order * plan.s * mi)
+    return fourier, dense
+
+
+def generator_taps_cm(
+    h: jax.Array, fourier: jax.Array | None, dense: jax.Array | None, plan: _GeneratorPlan
+) -> jax.Array:
+    """The generator's taps [d_unit, taps, g, N] from hidden regular fields h [|G|, M, N]
+    (CM): Fourier block products into the untwisted coefficients, one inverse transform,
+    one small matrix per component to taps (`bases.GeneratorFourier`); other blocks dense."""
+    gf = bases.generator_fourier(
+        plan.group, plan.unit, plan.discretisation, plan.max_order, plan.kernel_size
+    )
+    order, m, n = h.shape
+    dt, taps = h.dtype, plan.kernel_size**2
+    parts = []
+    if fourier is not None:
+        phi = bases.fourier_matrix(plan.group, (("regular", 1),))
+        k, b, _ = phi.shape
+        fwd = jnp.asarray(phi.reshape(k * b, order), dt)
+        hh = jnp.dot(fwd, h.reshape(order, m * n)).reshape(k, b * m, n)
+        zh = jnp.matmul(fourier.astype(dt), hh)  # [K, (y, r, a, o), N]
+        z = jnp.dot(fwd.T, zh.reshape(k * b, -1))  # [|G|, (r, a, o, N)]
+        r, a = len(gf.regular_blocks), gf.untwist.shape[1]
+        z = z.reshape(order, r, a, -1)
+        t_mat = jnp.asarray(gf.taps, dt)  # [|G|, taps, A]
+        for j, (off, _) in enumerate(gf.regular_blocks):
+            parts.append((off, jnp.matmul(t_mat, z[:, j]).reshape(order, taps, -1, n)))
+    if dense is not None:
+        d_rest = sum(dim for _, dim in gf.dense_offsets)
+        rest = jnp.dot(dense.astype(dt), h.reshape(order * m, n))  # [(c, tap, o), N]
+        rest = rest.reshape(d_rest, taps, -1, n)
         start = 0
         for off, dim in gf.dense_offsets:
-            parts.append((off, rest[..., start : start + dim]))
+            parts.append((off, rest[start : start + dim]))
             start += dim
     parts.sort(key=lambda item: item[0])
-    return jnp.concatenate([part for _, part in parts], axis=-1)
+    return jnp.concatenate([p for _, p in parts], axis=0) if len(parts) > 1 else parts[0][1]
 
 
 class GeneratorLinear(nn.Module):
@@ -312,8 +396,9 @@ class GeneratorLinear(nn.Module):
     taps (coefficients transform with ``rho (x) (D_0 + ... + D_K)^-T``, mapped to taps),
     grouped by ``groups`` (the reference's ``s``).
 
-    Returns [..., g * field_size * kernel_size^2] (field, component, tap), or with
-    ``tap_major`` [kernel_size^2, ..., g, field_size].
+    Returns [..., g * field_size * kernel_size^2] (field, component, tap). ``impl='fourier'``
+    computes it in the factored form of `bases.generator_fourier` (same outputs up to
+    round-off); ``'dense'`` expands the kernel.
     """
 
     hidden_type: fields.FieldType
@@ -325,7 +410,6 @@ class GeneratorLinear(nn.Module):
     kernel_size: int = 5
     dtype: Dtype = "float32"
     impl: str = "fourier"
-    tap_major: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -338,28 +422,23 @@ class GeneratorLinear(nn.Module):
         )
         w = _grouped_weight(self, basis_np, self.hidden_type, self.num_out, self.groups)
         dt = _dtype(self.dtype)
-        lead, taps, d = h.shape[:-1], self.kernel_size**2, self.unit_type.field_size
         if _check_impl(self.impl) == "dense":
             kernel = expand_linear_kernel(w, basis_np, self.groups).astype(dt)
-            out = apply_linear_kernel(h.astype(dt), kernel)
-            if not self.tap_major:
-                return out
-            out = out.reshape(lead + (self.num_out, d, taps))
-            return jnp.moveaxis(out, -1, 0)
-        h2 = h.astype(dt).reshape(-1, h.shape[-1])
-        out = generator_taps_fourier(
-            h2,
-            w,
-            self.unit_type,
+            return apply_linear_kernel(h.astype(dt), kernel)
+        plan = _GeneratorPlan(
+            self.unit_type.group,
+            self.unit_type.unit,
             self.discretisation,
             self.max_order,
             self.kernel_size,
             self.groups,
-        )  # [T, P, g, d]
-        out = out.reshape((taps,) + lead + (self.num_out, d))
-        if self.tap_major:
-            return out
-        return jnp.moveaxis(out, 0, -1).reshape(lead + (self.num_out * d * taps,))
+        )
+        fourier, dense = generator_blocks(w, plan)
+        order = self.hidden_type.group.order
+        taps = generator_taps_cm(to_cm(h.astype(dt), order), fourier, dense, plan)
+        # [d, taps, g, P] -> [P, g, d, taps]
+        out = jnp.transpose(taps, (3, 2, 0, 1))
+        return out.reshape(h.shape[:-1] + (-1,))
 
 
 class FieldBatchNorm(nn.Module):
@@ -450,60 +529,114 @@ def apply_spatially_varying(x: jax.Array, w: jax.Array, g: int, kernel_size: int
     return out.reshape(b, h, wd, f, d)
 
 
-def _shift_accumulate(x: jax.Array, w: jax.Array, k: int) -> jax.Array:
-    """``sum_t w[t][:, :, :, None] * x[p + t]`` (x [B, H, W, Q, g, d], w [T, B, H, W, g, d])."""
-    c, h, wd = k // 2, x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (c, c), (c, c), (0, 0), (0, 0), (0, 0)))
-    out = None
-    for t in range(k * k):
-        i, j = divmod(t, k)
-        term = w[t][:, :, :, None] * xp[:, i : i + h, j : j + wd]
-        out = term if out is None else out + term
-    return out
+def _tree_sum(terms) -> jax.Array:
+    """Sum of a sequence of arrays as a balanced tree of adds (one fused loop in XLA; XLA's
+    CPU reductions over leading axes are many times slower)."""
+    terms = list(terms)
+    while len(terms) > 1:
+        pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        terms = pairs + terms[len(pairs) * 2 :]
+    return terms[0]
+
+
+def _pad_hw(x: jax.Array, c: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((c, c), (c, c)))
+
+
+def _taps_l1(w: jax.Array) -> jax.Array:
+    """sum |w| over the component and tap axes: [d, T, ...] -> [...] (float32)."""
+    per_c = _tree_sum(jnp.abs(w[:, t].astype(jnp.float32)) for t in range(w.shape[1]))
+    return _tree_sum(per_c[i] for i in range(per_c.shape[0]))
+
+
+def _raw_apply(x: jax.Array, w: jax.Array, k: int) -> jax.Array:
+    h, wd, c = x.shape[-2], x.shape[-1], k // 2
+    xp = _pad_hw(x, c)
+    return _tree_sum(
+        w[:, t][:, None] * xp[..., t // k : t // k + h, t % k : t % k + wd] for t in range(k * k)
+    )
+
+
+def _normalised_apply_fwd_impl(x, w, k):
+    scale = 0.2 / (0.2 * _taps_l1(w) + 0.01)  # [g, ...]
+    return _raw_apply(x, w, k) * scale[None, None].astype(x.dtype), scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def apply_spatially_varying_tap_major(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
-    """`apply_spatially_varying` with tap-major operators and a hand-written backward pass.
+def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
+    """Steps 3-4 of the Neural ePDO layer, channel-major and fused.
+
+    ``out = sum_t wn[t] x[p + t]`` with ``wn = (w / 5) / (sum_{c,t} |w / 5| + 0.01)``,
+    computed as the raw taps applied, then scaled by ``0.2 / (0.2 sum |w| + 0.01)`` (one factor
+    per pixel and operator), so that no normalised copy of the taps is made.
 
     Args:
-      x: [B, H, W, Q, g, d]: Q partitions of g fields.
-      w: [kernel_size^2, B, H, W, g, d].
+      x: [d, Q, g, ..., H, W]: d components of Q partitions of g fields.
+      w: [d, kernel_size^2, g, ..., H, W] the raw taps (tap = row * size + col).
     Returns:
-      [B, H, W, Q, g, d]: ``out[p, q, f, c] = sum_t w[t, p, f, c] x[p + t, q, f, c]``.
+      [d, Q, g, ..., H, W].
 
-    Each pass (forward, input gradient, operator gradient) is one fused loop over the taps;
-    differentiating the unrolled slices instead makes XLA build one padded full-size
-    gradient per tap.
+    The backward pass is written by hand: each of its passes is one fused loop over the taps
+    (differentiating the unrolled slices makes XLA build a padded full-size array per tap).
     """
-    return _shift_accumulate(x, w, kernel_size)
+    return _normalised_apply_fwd_impl(x, w, kernel_size)[0]
 
 
-def _sv_fwd(x, w, kernel_size):
-    return _shift_accumulate(x, w, kernel_size), (x, w)
+def _na_fwd(x, w, k):
+    out, scale = _normalised_apply_fwd_impl(x, w, k)
+    return out, (x, w, scale)
 
 
-def _sv_bwd(kernel_size, res, g):
-    x, w = res
-    k, (h, wd) = kernel_size, x.shape[1:3]
-    c = k // 2
-    pad = ((0, 0), (c, c), (c, c), (0, 0), (0, 0))
-    # d/dx: out[p] reads x[p + t - c], so x[q] receives w[t][q - t + c] g[q - t + c].
-    wp = jnp.pad(w, ((0, 0),) + pad)
-    gp = jnp.pad(g, pad + ((0, 0),))
-    gx = None
-    for t in range(k * k):
-        i, j = 2 * c - t // k, 2 * c - t % k
-        term = wp[t, :, i : i + h, j : j + wd][:, :, :, None] * gp[:, i : i + h, j : j + wd]
-        gx = term if gx is None else gx + term
-    xp = jnp.pad(x, pad + ((0, 0),))
-    gw = jnp.stack(
-        [jnp.sum(g * xp[:, t // k : t // k + h, t % k : t % k + wd], axis=3) for t in range(k * k)]
+def _na_bwd(k, res, g):
+    x, w, scale = res
+    h, wd, c = x.shape[-2], x.shape[-1], k // 2
+    gs = g * scale[None, None].astype(g.dtype)
+    # x[p] reaches out[p - t'] through w_t[p - t'] (t' the tap's offset).
+    gx = _tree_sum(
+        _pad_hw(w[:, t][:, None] * gs, c)[
+            ..., 2 * c - t // k : 2 * c - t // k + h, 2 * c - t % k : 2 * c - t % k + wd
+        ]
+        for t in range(k * k)
     )
+    xp = _pad_hw(x, c)
+    q = x.shape[1]
+    gw_scaled = jnp.stack(
+        [
+            _tree_sum(
+                gs[:, i] * xp[:, i, ..., t // k : t // k + h, t % k : t % k + wd] for i in range(q)
+            )
+            for t in range(k * k)
+        ],
+        axis=1,
+    )  # scale * d(raw)/dw: [d, T, g, ...]
+    # d out / d scale = raw, so d scale = sum w * gw_scaled / scale; d scale / d l1 = -scale^2.
+    dot = _tree_sum((w[:, t] * gw_scaled[:, t]).astype(jnp.float32) for t in range(w.shape[1]))
+    dl1 = -scale * _tree_sum(dot[i] for i in range(dot.shape[0]))
+    gw = gw_scaled + jnp.sign(w) * dl1[None, None].astype(w.dtype)
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
-apply_spatially_varying_tap_major.defvjp(_sv_fwd, _sv_bwd)
+normalised_apply.defvjp(_na_fwd, _na_bwd)
+
+
+def _group_norm_relu_cm(h: jax.Array, params: tuple, eps: float = 1e-5) -> jax.Array:
+    """`FieldGroupNorm` then ReLU on CM arrays [d, F, n, H*W] (statistics per field and
+    image over components and pixels), float32 statistics."""
+    ns, nb, as_, ab = (p[:, None, None] for p in params)
+    hf = h.astype(jnp.float32)
+    cnt = h.shape[0] * h.shape[3]
+    mean = jnp.sum(jnp.sum(hf, axis=3), axis=0) / cnt  # [F, n]
+    cen = hf - mean[None, :, :, None]
+    var = jnp.sum(jnp.sum(jnp.square(cen), axis=3), axis=0) / cnt
+    y = cen * jax.lax.rsqrt(var + eps)[None, :, :, None]
+    y = (y * ns + nb) * as_ + ab
+    return nn.relu(y).astype(h.dtype)
+
+
+def _default_chunk() -> int:
+    # CPU: a few images at a time keep each layer's large intermediates (the taps) in cache
+    # and the peak memory low; accelerators want the whole batch.
+    return 2 if jax.default_backend() == "cpu" else 0
 
 
 class NeuralEPDO(nn.Module):
@@ -519,10 +652,17 @@ class NeuralEPDO(nn.Module):
     5. Linear(out: in_type -> out_type).
     Equivariance: every step commutes with the group action, exactly for grid elements.
 
-    ``impl='fourier'`` (default) computes the 1x1 maps in group-Fourier coordinates, the
-    generator in its factored form, and applies the raw taps before scaling by the
-    normalisation (it is one factor per pixel and generated field); ``impl='dense'`` is the
-    straightforward computation. Same parameters; same outputs up to round-off.
+    Attributes (besides the hyper-parameters above):
+      impl: 'fourier' (default) or 'dense'; same parameters, same outputs up to round-off.
+        'dense' is the straightforward computation (expanded kernels, normalised taps).
+        'fourier' works on channel-major arrays [d, F, pixels] in group-Fourier
+        coordinates: the 1x1 maps are block diagonal (`apply_linear_cm`), the generator
+        produces the untwisted coefficients by a group convolution and maps them to taps
+        with one small matrix per component (`generator_taps_cm`), and steps 3-4 are one
+        fused op with a hand-written backward pass (`normalised_apply`).
+      chunk: 'fourier' only: images processed at a time (``jax.lax.map`` over the batch,
+        rematerialised in the backward pass, so that the large per-pixel intermediates stay
+        small); 0 = all at once; None = 2 on CPU, all at once elsewhere.
     """
 
     in_type: fields.FieldType
@@ -535,6 +675,7 @@ class NeuralEPDO(nn.Module):
     kernel_size: int = 5
     dtype: Dtype = "float32"
     impl: str = "fourier"
+    chunk: int | None = None
 
     def hidden_fields(self) -> int:
         return int(self.in_type.size // (self.reduction * self.in_type.group.order))
@@ -547,12 +688,19 @@ class NeuralEPDO(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input(x, self.in_type, "NeuralEPDO")
-        group, dt, impl = self.in_type.group, _dtype(self.dtype), self.impl
+        if self.impl == "dense":
+            return self._dense(x)
+        return self._fourier(x)
+
+    def _dense(self, x: jax.Array) -> jax.Array:
+        group, dt = self.in_type.group, _dtype(self.dtype)
         hidden = fields.FieldType(group, "regular", self.hidden_fields())
         unit = self.in_type.with_fields(1)
-        h = EquivariantLinear(self.in_type, hidden, dtype=self.dtype, impl=impl, name="hidden")(x)
+        h = EquivariantLinear(self.in_type, hidden, dtype=self.dtype, impl="dense", name="hidden")(
+            x
+        )
         h = nn.relu(FieldGroupNorm(hidden, name="norm")(h))
-        generator = GeneratorLinear(
+        w = GeneratorLinear(
             hidden,
             unit,
             self.g,
@@ -561,32 +709,83 @@ class NeuralEPDO(nn.Module):
             self.max_order,
             self.kernel_size,
             dtype=self.dtype,
-            impl=impl,
-            tap_major=impl == "fourier",
+            impl="dense",
             name="generator",
-        )
+        )(h)
         taps = self.kernel_size**2
         d = unit.field_size
+        w = w.astype(jnp.float32).reshape(w.shape[:-1] + (self.g, d * taps)) / 5.0
+        w = w / (jnp.sum(jnp.abs(w), axis=-1, keepdims=True) + 0.01)
+        w = w.reshape(w.shape[:-1] + (d, taps)).astype(dt)
         b, hh, ww, _ = x.shape
-        out_linear = EquivariantLinear(
-            self.in_type, self.out_type, dtype=self.dtype, impl=impl, name="output"
+        xs = x.astype(dt).reshape(b, hh, ww, self.in_type.num_fields, d)
+        out = apply_spatially_varying(xs, w, self.g, self.kernel_size)
+        out = out.reshape(b, hh, ww, self.in_type.size)
+        return EquivariantLinear(
+            self.in_type, self.out_type, dtype=self.dtype, impl="dense", name="output"
+        )(out)
+
+    def _fourier(self, x: jax.Array) -> jax.Array:
+        group, dt = self.in_type.group, _dtype(self.dtype)
+        m = self.hidden_fields()
+        hidden = fields.FieldType(group, "regular", m)
+        u_in, u_out, u_h = self.in_type.unit, self.out_type.unit, hidden.unit
+        f_in, f_out = self.in_type.num_fields, self.out_type.num_fields
+        plan = _GeneratorPlan(
+            group, u_in, self.discretisation, self.max_order, self.kernel_size, self.s
         )
-        if impl == "dense":
-            w = generator(h)
-            w = w.astype(jnp.float32).reshape(w.shape[:-1] + (self.g, d * taps)) / 5.0
-            w = w / (jnp.sum(jnp.abs(w), axis=-1, keepdims=True) + 0.01)
-            w = w.reshape(w.shape[:-1] + (d, taps)).astype(dt)
-            xs = x.astype(dt).reshape(b, hh, ww, self.in_type.num_fields, d)
-            out = apply_spatially_varying(xs, w, self.g, self.kernel_size)
-            return out_linear(out.reshape(b, hh, ww, self.in_type.size))
-        w = generator(h)  # [T, B, H, W, g, d]
-        # (W / 5) / (sum |W / 5| + 0.01) is W times one factor per pixel and operator.
-        l1 = jnp.sum(jnp.abs(w.astype(jnp.float32)), axis=(0, 5))  # [B, H, W, g]
-        scale = (0.2 / (0.2 * l1 + 0.01)).astype(dt)
-        xs = x.astype(dt).reshape(b, hh, ww, self.in_type.num_fields // self.g, self.g, d)
-        out = apply_spatially_varying_tap_major(xs, w, self.kernel_size)
-        out = out * scale[:, :, :, None, :, None]
-        return out_linear(out.reshape(b, hh, ww, self.in_type.size))
+        # The same parameters (names, shapes, initialisers) as the dense sub-layers.
+        (w_h,) = _Params(
+            (_weight_spec(bases.linear_basis(group, u_in, u_h), self.in_type, m, 1),),
+            name="hidden",
+        )()
+        ones, zeros = nn.initializers.ones, nn.initializers.zeros
+        norm = _Params(
+            tuple(
+                (f"{p}_{q}", ones if q == "scale" else zeros, (m,))
+                for p in ("norm", "affine")
+                for q in ("scale", "bias")
+            ),
+            name="norm",
+        )()
+        gen_basis = bases.generator_basis(
+            group, u_in, self.discretisation, self.max_order, self.kernel_size
+        )
+        (w_g,) = _Params((_weight_spec(gen_basis, hidden, self.g, self.s),), name="generator")()
+        (w_o,) = _Params(
+            (_weight_spec(bases.linear_basis(group, u_in, u_out), self.in_type, f_out, 1),),
+            name="output",
+        )()
+        blocks_h = linear_blocks(w_h, group, u_in, u_h)
+        blocks_o = linear_blocks(w_o, group, u_in, u_out)
+        gen_fourier, gen_dense = generator_blocks(w_g, plan)
+        phi_in = bases.fourier_matrix(group, u_in)
+        phi_h = bases.fourier_matrix(group, u_h)
+        phi_out = bases.fourier_matrix(group, u_out)
+        d_in, d_out, order = phi_in.shape[2], phi_out.shape[2], group.order
+        b, hh, ww, _ = x.shape
+        q, k = f_in // self.g, self.kernel_size
+
+        def block(xc: jax.Array) -> jax.Array:  # [n, d_in, F_in, H, W] -> [n, d_out, F_out, H, W]
+            n = xc.shape[0]
+            xc = jnp.transpose(xc, (1, 2, 0, 3, 4))  # [d, F, n, H, W]
+            h = apply_linear_cm(xc.reshape(d_in, f_in, -1), blocks_h, phi_in, phi_h)
+            h = _group_norm_relu_cm(h.reshape(order, m, n, hh * ww), norm)
+            taps = generator_taps_cm(h.reshape(order, m, -1), gen_fourier, gen_dense, plan)
+            taps = taps.reshape(d_in, k * k, self.g, n, hh, ww)
+            out = normalised_apply(xc.reshape(d_in, q, self.g, n, hh, ww), taps, k)
+            y = apply_linear_cm(out.reshape(d_in, f_in, -1), blocks_o, phi_in, phi_out)
+            return jnp.transpose(y.reshape(d_out, f_out, n, hh, ww), (2, 0, 1, 3, 4))
+
+        xs = jnp.transpose(x.astype(dt).reshape(b, hh, ww, f_in, d_in), (0, 4, 3, 1, 2))
+        chunk = _default_chunk() if self.chunk is None else self.chunk
+        n = max(c for c in range(1, (chunk or b) + 1) if b % c == 0)
+        if n >= b:
+            ys = block(xs)
+        else:
+            ys = jax.lax.map(jax.checkpoint(block), xs.reshape((b // n, n) + xs.shape[1:]))
+        ys = ys.reshape(b, d_out, f_out, hh, ww)
+        return jnp.transpose(ys, (0, 3, 4, 2, 1)).reshape(b, hh, ww, f_out * d_out)
 
 
 def validate_nlpdo(in_type: fields.FieldType, reduction: int, g: int, s: int) -> None:
@@ -639,8 +838,13 @@ def restrict_dihedral(x: jax.Array, ftype: fields.FieldType) -> tuple[jax.Array,
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling, stride 2. Exactly quarter-turn equivariant only for even H and W: odd
-    sizes give a one-time warning (the last row/column is dropped, as in PyTorch)."""
+    """2x2 max pooling, stride 2 (NHWC). Exactly quarter-turn equivariant only for even H and
+    W: odd sizes give a one-time warning (the last row/column is dropped, as in PyTorch).
+
+    Same values and gradient as ``flax.linen.max_pool`` (the gradient goes to the first
+    maximum of each window in row-major order), computed from four strided slices: XLA's
+    CPU reduce-window and its select-and-scatter gradient are several times slower.
+    """
     h, w = x.shape[1], x.shape[2]
     if h % 2 or w % 2:
         warnings.warn(
@@ -648,7 +852,40 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
             "exact quarter-turn equivariance; use inputs whose size is divisible by 4.",
             stacklevel=2,
         )
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = x[:, : h - h % 2, : w - w % 2]
+    return _max_pool_2x2(x)
+
+
+def _corners(x: jax.Array) -> tuple[jax.Array, ...]:
+    return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    a, b, c, d = _corners(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _mp_fwd(x):
+    y = _max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _mp_bwd(res, g):
+    x, y = res
+    a, b, c, d = _corners(x)
+    ma = a == y
+    mb = (b == y) & ~ma
+    mc = (c == y) & ~(ma | mb)
+    md = ~(ma | mb | mc)
+    z = jnp.zeros_like(g)
+    top = jnp.stack([jnp.where(ma, g, z), jnp.where(mb, g, z)], axis=3)  # [B, H/2, W/2, 2, C]
+    bottom = jnp.stack([jnp.where(mc, g, z), jnp.where(md, g, z)], axis=3)
+    out = jnp.stack([top, bottom], axis=2)  # [B, H/2, 2, W/2, 2, C]
+    return (out.reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_mp_fwd, _mp_bwd)
 
 
 class ChannelDropout(nn.Module):

@@ -33,7 +33,8 @@ class NeuralEPDONet(nn.Module):
 
     Attributes: see the README's model section; ``channels`` counts fields per block.
     ``impl`` picks the Neural ePDO layers' computation ('fourier', the default, or 'dense':
-    same parameters, same outputs up to round-off; see `layers.NeuralEPDO`).
+    same parameters, same outputs up to round-off) and ``chunk`` how many images they
+    process at a time (None: per backend); see `layers.NeuralEPDO`.
     """
 
     n: int = 16
@@ -51,6 +52,7 @@ class NeuralEPDONet(nn.Module):
     num_classes: int = 10
     dtype: str = "float32"
     impl: str = "fourier"
+    chunk: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -130,6 +132,7 @@ class NeuralEPDONet(nn.Module):
                     self.g,
                     self.s,
                     impl=self.impl,
+                    chunk=self.chunk,
                     **common,
                 )
             x = conv(x)
@@ -152,3 +155,14 @@ class NeuralEPDONet(nn.Module):
 def count_params(params) -> int:
     """Number of trainable parameters."""
     return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
+
+
+def init_variables(
+    model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...] = (28, 28, 1)
+) -> dict:
+    """``model.init`` jitted on one zero image of ``image_shape``: the parameters and batch
+    statistics (whose shapes do not depend on the batch) without running the network op by
+    op. Compiles the forward pass once (seconds); ``jax.eval_shape(model.init, ...)`` gives
+    the shapes alone without compiling anything."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return jax.jit(lambda r: model.init(r, x, train=False))(rng)

@@ -15,6 +15,7 @@ CONFIG_NAMES = sorted(
     for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
     if not p.endswith("__init__.py")
 )
+NAMED_CONFIGS = [(name, name) for name in CONFIG_NAMES]
 PAPER = ("regular_fd", "regular_gauss", "quotient_gauss", "dihedral_gauss", "pdo_econv")
 
 # SPEC 6: the four experiments (and the linear baseline with R-fd's channels).
@@ -85,7 +86,7 @@ class ConfigsTest(parameterized.TestCase):
         for name in ("default", "test", *(f"mnist_rot_{p}" for p in PAPER)):
             self.assertIn(name, CONFIG_NAMES)
 
-    @parameterized.parameters(*CONFIG_NAMES)
+    @parameterized.named_parameters(*NAMED_CONFIGS)
     def test_loads_validates_and_builds_model(self, name):
         config = load(name)
         model = training.validate_config(config)  # Constructs the model: its own checks run.
@@ -94,19 +95,19 @@ class ConfigsTest(parameterized.TestCase):
         for key, value in config.model.items():
             self.assertEqual(getattr(model, key), value, key)
 
-    @parameterized.parameters(*CONFIG_NAMES)
+    @parameterized.named_parameters(*NAMED_CONFIGS)
     def test_same_keys_as_default(self, name):
         # Variants only override: a typo would silently add a key the code never reads.
         self.assertEqual(flat_keys(load(name)), flat_keys(load("default")))
 
-    @parameterized.parameters(*CONFIG_NAMES)
+    @parameterized.named_parameters(*NAMED_CONFIGS)
     def test_docstring_gives_command_and_expectation(self, name):
         doc = importlib.import_module(f"configs.{name}").__doc__
         command = "bash run.sh train" if name == "default" else f"--config=configs/{name}.py"
         self.assertIn(command, doc)
         self.assertIn("Expected", doc)
 
-    @parameterized.parameters(*PAPER)
+    @parameterized.named_parameters(*[(p, p) for p in PAPER])
     def test_paper_variant_hyper_parameters(self, variant):
         config = load(f"mnist_rot_{variant}")
         expected_model = dict(n=16, order=4, dropout=0.1, kernel_size=5, num_classes=10)
