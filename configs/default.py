@@ -5,8 +5,13 @@ The README's main command. It trains end to end on the 4,000 bundled rotated dig
 
   bash run.sh train        # = python train.py --config=configs/default.py --workdir=runs/default
 
-Expected: test accuracy >= 0.95 (TUNE: measured ... on 2 CPU cores in ... min, compile
-included). Rerunning the same command resumes from the latest checkpoint in runs/default.
+Expected: test accuracy about 0.95-0.96 (measured: 0.9580 last epoch, best 0.9590 at epoch
+9; 20,466 parameters; 10 epochs of 125 steps). Time: 56 min on this project's 2-core CPU
+machine while other jobs loaded it (10-16 training images/s, compile 27 s), about 25 min of
+CPU time per core; it scales with the model's train-step speed. A shorter run, e.g.
+`--config.num_epochs=4 --config.lr_boundaries_epochs='(4,)'`, takes 40% of it (the measured
+run was at 0.907 after 4 epochs, before its LR drop).
+Rerunning the same command resumes from the latest checkpoint in runs/default.
 Evaluate (accuracy + rotation sweep): ``bash run.sh eval --workdir=runs/default``.
 
 The paper's experiments are the ``mnist_rot_*.py`` configs, which override this one.
