@@ -69,16 +69,20 @@ def run_child(name: str) -> dict:
 
     tiny = dict(n=2, channels=(2, 2, 2, 2, 2, 2), g=2, s=1, reduction=1)
     trace(models.NeuralEPDONet(**tiny))  # JAX's first-trace overheads
-    memoised = {
-        n: f for n, f in vars(bases).items() if callable(getattr(f, "cache_info", None))
-    }
+    memoised = {n: f for n, f in vars(bases).items() if callable(getattr(f, "cache_info", None))}
     for f in memoised.values():
         f.cache_clear()
     model = models.NeuralEPDONet(**kwargs)
     cold = trace(model)
     warm = trace(model)
     calls = {n: f.cache_info().misses for n, f in memoised.items() if f.cache_info().misses}
-    return {"variant": name, "cold_s": cold, "trace_s": warm, "bases_s": cold - warm, "calls": calls}
+    return {
+        "variant": name,
+        "cold_s": cold,
+        "trace_s": warm,
+        "bases_s": cold - warm,
+        "calls": calls,
+    }
 
 
 def main(argv):

@@ -147,6 +147,7 @@ def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointMa
 
     Saves are synchronous: a checkpoint is complete on disk when :func:`save` returns, and a
     save interrupted by ``kill -9`` leaves only a temporary directory, which is ignored.
+    ``read_only``: for loading only; creates and cleans up nothing (never save through it).
     """
     policy = checkpoint_managers.AnyPreservationPolicy(
         [
@@ -161,8 +162,9 @@ def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointMa
         best_fn=_score,  # Makes the manager write each checkpoint's metrics to disk.
         best_mode="max",
         enable_async_checkpointing=False,
+        # read_only: nothing is created or cleaned up (orbax's own read_only flag only adds
+        # warnings; this module never saves through such a manager).
         cleanup_tmp_directories=not read_only,
-        read_only=read_only,
         create=not read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)

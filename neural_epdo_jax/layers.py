@@ -546,7 +546,7 @@ def _pad_hw(x: jax.Array, c: int) -> jax.Array:
 def _taps_l1(w: jax.Array) -> jax.Array:
     """sum |w| over the component and tap axes: [d, T, ...] -> [...] (float32)."""
     per_c = _tree_sum(jnp.abs(w[:, t].astype(jnp.float32)) for t in range(w.shape[1]))
-    return _tree_sum(per_c[i] for i in range(per_c.shape[0]))
+    return jnp.sum(per_c, axis=0)  # a reduce: see `_na_bwd`
 
 
 def _raw_apply(x: jax.Array, w: jax.Array, k: int) -> jax.Array:
@@ -590,28 +590,32 @@ def _na_fwd(x, w, k):
 def _na_bwd(k, res, g):
     x, w, scale = res
     h, wd, c = x.shape[-2], x.shape[-1], k // 2
-    gs = g * scale[None, None].astype(g.dtype)
-    # x[p] reaches out[p - t'] through w_t[p - t'] (t' the tap's offset).
-    gx = _tree_sum(
-        _pad_hw(w[:, t][:, None] * gs, c)[
-            ..., 2 * c - t // k : 2 * c - t // k + h, 2 * c - t % k : 2 * c - t % k + wd
-        ]
-        for t in range(k * k)
-    )
-    xp = _pad_hw(x, c)
     q = x.shape[1]
+    gs = g * scale[None, None].astype(g.dtype)
+    # x[p] reaches out[p - t'] through w_t[p - t'] (t' the tap's offset): windows of the
+    # padded w and g (padding w once is cheaper than padding 25 products).
+    wp, gp, xp = _pad_hw(w, c), _pad_hw(gs, c), _pad_hw(x, c)
+
+    def back(a: jax.Array, t: int) -> jax.Array:
+        i, j = 2 * c - t // k, 2 * c - t % k
+        return a[..., i : i + h, j : j + wd]
+
+    gx = _tree_sum(back(wp[:, t][:, None], t) * back(gp, t) for t in range(k * k))
     gw_scaled = jnp.stack(
         [
             _tree_sum(
-                gs[:, i] * xp[:, i, ..., t // k : t // k + h, t % k : t % k + wd] for i in range(q)
+                gs[:, r] * xp[:, r, ..., t // k : t // k + h, t % k : t % k + wd] for r in range(q)
             )
             for t in range(k * k)
         ],
         axis=1,
-    )  # scale * d(raw)/dw: [d, T, g, ...]
+    )  # scale * d raw / d w: [d, T, g, ...]
     # d out / d scale = raw, so d scale = sum w * gw_scaled / scale; d scale / d l1 = -scale^2.
-    dot = _tree_sum((w[:, t] * gw_scaled[:, t]).astype(jnp.float32) for t in range(w.shape[1]))
-    dl1 = -scale * _tree_sum(dot[i] for i in range(dot.shape[0]))
+    # The last sum (over components) is a reduce, not adds: XLA duplicates a tree of adds
+    # into every element of gw below (a d * taps-fold recomputation: 13x slower steps for
+    # the default C8 model).
+    dot = _tree_sum((w[:, t] * gw_scaled[:, t]).astype(jnp.float32) for t in range(k * k))
+    dl1 = -scale * jnp.sum(dot, axis=0)
     gw = gw_scaled + jnp.sign(w) * dl1[None, None].astype(w.dtype)
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
@@ -766,26 +770,27 @@ class NeuralEPDO(nn.Module):
         b, hh, ww, _ = x.shape
         q, k = f_in // self.g, self.kernel_size
 
-        def block(xc: jax.Array) -> jax.Array:  # [n, d_in, F_in, H, W] -> [n, d_out, F_out, H, W]
-            n = xc.shape[0]
-            xc = jnp.transpose(xc, (1, 2, 0, 3, 4))  # [d, F, n, H, W]
+        chunk = _default_chunk() if self.chunk is None else self.chunk
+        n = max(c for c in range(1, (chunk or b) + 1) if b % c == 0)
+
+        def block(xc: jax.Array) -> jax.Array:  # [d_in, F_in, n, H, W] -> [d_out, F_out, ...]
             h = apply_linear_cm(xc.reshape(d_in, f_in, -1), blocks_h, phi_in, phi_h)
             h = _group_norm_relu_cm(h.reshape(order, m, n, hh * ww), norm)
             taps = generator_taps_cm(h.reshape(order, m, -1), gen_fourier, gen_dense, plan)
             taps = taps.reshape(d_in, k * k, self.g, n, hh, ww)
             out = normalised_apply(xc.reshape(d_in, q, self.g, n, hh, ww), taps, k)
             y = apply_linear_cm(out.reshape(d_in, f_in, -1), blocks_o, phi_in, phi_out)
-            return jnp.transpose(y.reshape(d_out, f_out, n, hh, ww), (2, 0, 1, 3, 4))
+            return y.reshape(d_out, f_out, n, hh, ww)
 
-        xs = jnp.transpose(x.astype(dt).reshape(b, hh, ww, f_in, d_in), (0, 4, 3, 1, 2))
-        chunk = _default_chunk() if self.chunk is None else self.chunk
-        n = max(c for c in range(1, (chunk or b) + 1) if b % c == 0)
-        if n >= b:
-            ys = block(xs)
+        # [B, H, W, F, d] -> [B / n, d, F, n, H, W]: each chunk channel-major, contiguous.
+        xs = x.astype(dt).reshape(b // n, n, hh, ww, f_in, d_in)
+        xs = jnp.transpose(xs, (0, 5, 4, 1, 2, 3))
+        if n == b:
+            ys = block(xs[0])[None]
         else:
-            ys = jax.lax.map(jax.checkpoint(block), xs.reshape((b // n, n) + xs.shape[1:]))
-        ys = ys.reshape(b, d_out, f_out, hh, ww)
-        return jnp.transpose(ys, (0, 3, 4, 2, 1)).reshape(b, hh, ww, f_out * d_out)
+            ys = jax.lax.map(jax.checkpoint(block), xs)  # [B / n, d_out, F_out, n, H, W]
+        ys = jnp.transpose(ys, (0, 3, 4, 5, 2, 1))
+        return ys.reshape(b, hh, ww, f_out * d_out)
 
 
 def validate_nlpdo(in_type: fields.FieldType, reduction: int, g: int, s: int) -> None:

@@ -161,8 +161,15 @@ def init_variables(
     model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...] = (28, 28, 1)
 ) -> dict:
     """``model.init`` jitted on one zero image of ``image_shape``: the parameters and batch
-    statistics (whose shapes do not depend on the batch) without running the network op by
-    op. Compiles the forward pass once (seconds); ``jax.eval_shape(model.init, ...)`` gives
-    the shapes alone without compiling anything."""
+    statistics (whose shapes do not depend on the input size) without running the network
+    op by op.
+
+    On CPU it is compiled with LLVM optimisation level 1: the random initialisers' unrolled
+    loops make the default level take seconds to tens of seconds to compile for code that
+    runs once (the values are the same). ``jax.eval_shape(model.init, ...)`` gives the
+    shapes alone without compiling anything.
+    """
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    return jax.jit(lambda r: model.init(r, x, train=False))(rng)
+    init = jax.jit(lambda r: model.init(r, x, train=False))
+    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
+    return init.lower(rng).compile(compiler_options=options)(rng)
