@@ -637,10 +637,14 @@ def _group_norm_relu_cm(h: jax.Array, params: tuple, eps: float = 1e-5) -> jax.A
     return nn.relu(y).astype(h.dtype)
 
 
-def _default_chunk() -> int:
-    # CPU: a few images at a time keep each layer's large intermediates (the taps) in cache
-    # and the peak memory low; accelerators want the whole batch.
-    return 2 if jax.default_backend() == "cpu" else 0
+def default_chunk(train: bool = True) -> int:
+    """Images per `NeuralEPDO` chunk when its ``chunk`` is None: on CPU a few images at a time
+    keep each layer's large intermediates (the taps) in cache and the peak memory low (2 when
+    training; 8 for inference, measured 18% faster for R-gauss at batch 256); accelerators
+    want the whole batch (0)."""
+    if jax.default_backend() != "cpu":
+        return 0
+    return 2 if train else 8
 
 
 class NeuralEPDO(nn.Module):
@@ -666,7 +670,8 @@ class NeuralEPDO(nn.Module):
         fused op with a hand-written backward pass (`normalised_apply`).
       chunk: 'fourier' only: images processed at a time (``jax.lax.map`` over the batch,
         rematerialised in the backward pass, so that the large per-pixel intermediates stay
-        small); 0 = all at once; None = 2 on CPU, all at once elsewhere.
+        small); 0 = all at once; None = `default_chunk()` (2 on CPU, all at once elsewhere;
+        `models.NeuralEPDONet` passes the inference default in eval mode).
     """
 
     in_type: fields.FieldType
@@ -770,7 +775,7 @@ class NeuralEPDO(nn.Module):
         b, hh, ww, _ = x.shape
         q, k = f_in // self.g, self.kernel_size
 
-        chunk = _default_chunk() if self.chunk is None else self.chunk
+        chunk = default_chunk() if self.chunk is None else self.chunk
         n = max(c for c in range(1, (chunk or b) + 1) if b % c == 0)
 
         def block(xc: jax.Array) -> jax.Array:  # [d_in, F_in, n, H, W] -> [d_out, F_out, ...]

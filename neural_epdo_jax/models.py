@@ -34,7 +34,8 @@ class NeuralEPDONet(nn.Module):
     Attributes: see the README's model section; ``channels`` counts fields per block.
     ``impl`` picks the Neural ePDO layers' computation ('fourier', the default, or 'dense':
     same parameters, same outputs up to round-off) and ``chunk`` how many images they
-    process at a time (None: per backend); see `layers.NeuralEPDO`.
+    process at a time (None: per backend and mode, `layers.default_chunk`); see
+    `layers.NeuralEPDO`.
     """
 
     n: int = 16
@@ -117,6 +118,7 @@ class NeuralEPDONet(nn.Module):
         dt = self.dtype
         common = dict(discretisation=self.discretisation, kernel_size=self.kernel_size, dtype=dt)
         plan = self.plan()
+        chunk = self.chunk if self.chunk is not None or train else layers.default_chunk(False)
         x = x.astype(jnp.dtype(dt))
         for i, blk in enumerate(plan):
             if blk.restrict_before:
@@ -132,7 +134,7 @@ class NeuralEPDONet(nn.Module):
                     self.g,
                     self.s,
                     impl=self.impl,
-                    chunk=self.chunk,
+                    chunk=chunk,
                     **common,
                 )
             x = conv(x)
