@@ -556,6 +556,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"this config {steps_per_epoch}; the dataset changed. Use another --workdir."
             )
         _log(f"resumed from {manager.directory} at step {step} (epoch {step / steps_per_epoch:g})")
+        if step >= config.num_epochs * steps_per_epoch:
+            _log(
+                f"the checkpoint is at or past num_epochs={config.num_epochs}: nothing to train, "
+                "reporting its results (raise --config.num_epochs to continue, or use another "
+                "--workdir to start afresh)"
+            )
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f"{config.model_name}: {num_params:,} trainable parameters")
 
