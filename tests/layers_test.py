@@ -77,6 +77,15 @@ class EquivarianceTest(chex.TestCase, parameterized.TestCase):
         fi, fo = fields.FieldType(group, t, f), fields.FieldType(group, t, 2)
         self._check(layers.NeuralEPDO(fi, fo, 4, r, g, s, disc), fi, fo, _x(fi))
 
+    # Op by op (no jit) too, on one small case of each path: the eager run dispatches every
+    # tap slice separately, so the jitted cases above cover the larger configurations.
+    @chex.variants(without_jit=True)
+    @parameterized.named_parameters(("fourier_chunked", "fourier", 1), ("dense", "dense", None))
+    def test_neural_epdo_op_by_op(self, impl, chunk):
+        fi, fo = fields.FieldType(C4, "regular", 2), fields.FieldType(C4, "regular", 1)
+        layer = layers.NeuralEPDO(fi, fo, 2, 1, 2, 2, "fd", kernel_size=3, impl=impl, chunk=chunk)
+        self._check(layer, fi, fo, _x(fi, hw=4))
+
     @chex.variants(with_jit=True, without_jit=True)
     def test_norms_and_field_dropout(self):
         ft = fields.FieldType(D4, "regular", 3)
