@@ -29,21 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-VARIANTS = {
-    "R-fd": dict(),
-    "R-gauss": dict(discretisation="gauss"),
-    "Q-gauss": dict(
-        field_type="regular+quo_4",
-        channels=(12, 16, 24, 24, 32, 64),
-        s=1,
-        reduction=2,
-        discretisation="gauss",
-    ),
-    "D-gauss": dict(
-        flip=True, channels=(12, 16, 24, 24, 32, 64), s=1, reduction=1, discretisation="gauss"
-    ),
-    "PDO-eConv": dict(g=-1),
-}
+from neural_epdo_jax import variants  # noqa: E402  (plain data, no JAX)
+
+VARIANTS = variants.PAPER_VARIANTS
 
 _VARIANTS = flags.DEFINE_list(
     "variants", ["R-fd", "R-gauss", "Q-gauss", "D-gauss"], f"Any of {list(VARIANTS)}."

@@ -23,18 +23,7 @@ import optax  # noqa: E402
 
 from neural_epdo_jax import models  # noqa: E402
 
-VARIANTS = {
-    "R-fd": dict(),
-    "R-gauss": dict(discretisation="gauss"),
-    "Q-gauss": dict(
-        field_type="regular+quo_4",
-        channels=(12, 16, 24, 24, 32, 64),
-        s=1,
-        reduction=2,
-        discretisation="gauss",
-    ),
-    "D-gauss": dict(flip=True, channels=(12, 16, 24, 24, 32, 64), s=1, discretisation="gauss"),
-}
+VARIANTS = {k: v for k, v in models.PAPER_VARIANTS.items() if k != "PDO-eConv"}
 # (dtype, train batch, eval batch), most important first: the budget may cut the tail.
 SETTINGS = [
     ("float32", 64, 256),

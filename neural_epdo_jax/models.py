@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import fields, groups, layers, stencils
+from neural_epdo_jax import fields, groups, layers, stencils, variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,9 @@ class BlockPlan:
     out_type: fields.FieldType
     norm_type: fields.FieldType  # the BN's field type (D-gauss block 6: the D_N type)
     restrict_before: bool = False
+
+
+PAPER_VARIANTS = variants.PAPER_VARIANTS
 
 
 class NeuralEPDONet(nn.Module):

@@ -12,25 +12,15 @@ from absl.testing import parameterized
 
 from neural_epdo_jax import fields, groups, layers, models, testing
 
+# Expected trainable parameter counts: the reference's numbers (SPEC 6), not computed here.
 PAPER = {
-    "R-fd": (dict(), 234_186),
-    "R-gauss": (dict(discretisation="gauss"), 234_186),
-    "Q-gauss": (
-        dict(
-            field_type="regular+quo_4",
-            channels=(12, 16, 24, 24, 32, 64),
-            s=1,
-            reduction=2,
-            discretisation="gauss",
-        ),
-        229_374,
-    ),
-    "D-gauss": (
-        dict(
-            flip=True, channels=(12, 16, 24, 24, 32, 64), s=1, reduction=1, discretisation="gauss"
-        ),
-        525_190,
-    ),
+    name: (models.PAPER_VARIANTS[name], count)
+    for name, count in [
+        ("R-fd", 234_186),
+        ("R-gauss", 234_186),
+        ("Q-gauss", 229_374),
+        ("D-gauss", 525_190),
+    ]
 }
 
 # Small versions of each variant (same structure, small group and field counts).
