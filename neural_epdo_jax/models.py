@@ -162,6 +162,10 @@ def count_params(params) -> int:
     return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
 
 
+# Compiler options for code that runs once (initialisers): no backend optimisation.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def init_variables(
     model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...] = (28, 28, 1)
 ) -> dict:
@@ -169,12 +173,11 @@ def init_variables(
     statistics (whose shapes do not depend on the input size) without running the network
     op by op.
 
-    On CPU it is compiled with LLVM optimisation level 1: the random initialisers' unrolled
-    loops make the default level take seconds to tens of seconds to compile for code that
-    runs once (the values are the same). ``jax.eval_shape(model.init, ...)`` gives the
+    It runs once, so it is compiled without backend optimisations (`INIT_COMPILER_OPTIONS`):
+    the random initialisers' unrolled loops otherwise take seconds to tens of seconds to
+    compile on CPU (the values are the same). ``jax.eval_shape(model.init, ...)`` gives the
     shapes alone without compiling anything.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    init = jax.jit(lambda r: model.init(r, x, train=False))
-    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
-    return init.lower(rng).compile(compiler_options=options)(rng)
+    init = jax.jit(lambda r: model.init(r, x, train=False), compiler_options=INIT_COMPILER_OPTIONS)
+    return init(rng)

@@ -192,21 +192,17 @@ def reset_adam_state(opt_state: optax.OptState, reset: jax.Array) -> optax.OptSt
     )
 
 
-def _init_fn(
-    model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
-) -> Callable[[jax.Array], TrainState]:
-    def init(rng):
-        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        state = TrainState.create(
-            apply_fn=model.apply,
-            params=variables["params"],
-            batch_stats=variables.get("batch_stats", {}),
-            tx=tx,
-        )
-        # A strongly typed step counter, as a restored one is.
-        return state.replace(step=jnp.zeros((), jnp.int32))
-
-    return init
+def _state_from_variables(
+    model: nn.Module, tx: optax.GradientTransformation, variables: dict
+) -> TrainState:
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
+    )
+    # A strongly typed step counter, as a restored one is.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def create_train_state(
@@ -215,23 +211,21 @@ def create_train_state(
     tx: optax.GradientTransformation,
     image_shape: tuple[int, ...],
 ) -> TrainState:
-    """Initialises the model's variables on one ``[1, *image_shape]`` input.
-
-    The initialiser runs once, so it is compiled without backend optimisations: on CPU that
-    cuts its compile time several-fold (the values are the same random draws).
-    """
-    init = jax.jit(
-        _init_fn(model, tx, image_shape),
-        compiler_options={"xla_backend_optimization_level": 0},
-    )
-    return init(rng)
+    """Initialises the model's variables on one ``[1, *image_shape]`` input
+    (`models.init_variables`: compiled once, cheaply) and the optimizer state."""
+    return _state_from_variables(model, tx, models.init_variables(model, rng, image_shape))
 
 
 def abstract_train_state(
     model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
 ) -> TrainState:
     """The shapes and dtypes of :func:`create_train_state`'s result, computing nothing."""
-    return jax.eval_shape(_init_fn(model, tx, image_shape), jax.random.key(0))
+
+    def init(rng):
+        x = jnp.zeros((1, *image_shape), jnp.float32)
+        return _state_from_variables(model, tx, model.init(rng, x, train=False))
+
+    return jax.eval_shape(init, jax.random.key(0))
 
 
 # ----------------------------------------------------------------------- the steps
