@@ -447,6 +447,11 @@ class FieldBatchNorm(nn.Module):
     PyTorch semantics: momentum 0.1 (``running = 0.9 running + 0.1 batch``), unbiased running
     variance, eps 1e-5, one affine (scale, bias) per field. Works on [B, H, W, C] and [B, C].
     Normalises in float32 whatever the input dtype.
+
+    ``mask`` [B] (training only; 1 for real examples, 0 for padding) weights the examples
+    in the batch statistics: a padded batch is normalised, and updates the running
+    statistics, exactly as its real examples alone would be (the padded last batch of an
+    epoch behaves like the reference's smaller last batch).
     """
 
     ftype: fields.FieldType
@@ -454,26 +459,37 @@ class FieldBatchNorm(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         f, d = self.ftype.num_fields, self.ftype.field_size
         if x.shape[-1] != f * d:
             raise ValueError(
                 f"FieldBatchNorm: {self.ftype!r} has {f * d} channels, input has {x.shape[-1]}."
             )
+        if mask is not None and tuple(mask.shape) != x.shape[:1]:
+            raise ValueError(
+                f"FieldBatchNorm: mask must have shape [batch] = {x.shape[:1]}, got "
+                f"{tuple(mask.shape)}."
+            )
         xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (f, d))
-        axes = tuple(range(xf.ndim - 2)) + (xf.ndim - 1,)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((f,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((f,), jnp.float32))
         scale = self.param("scale", nn.initializers.ones, (f,))
         bias = self.param("bias", nn.initializers.zeros, (f,))
         if train:
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean[:, None]), axis=axes)
-            count = xf.size // f
+            # Per-example sums over pixels and components, then a weighted sum over the
+            # batch (the weights are tiny: no extra pass over the activations).
+            axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+            n = xf.shape[0]
+            wts = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+            per_ex = xf.size // (f * n)
+            count = jnp.maximum(jnp.sum(wts) * per_ex, 1.0)
+            mean = jnp.sum(wts[:, None] * jnp.sum(xf, axis=axes), axis=0) / count
+            sq = jnp.square(xf - mean[:, None])
+            var = jnp.sum(wts[:, None] * jnp.sum(sq, axis=axes), axis=0) / count
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * count / max(count - 1, 1)
+                ra_var.value = (1 - m) * ra_var.value + m * var * count / jnp.maximum(count - 1, 1)
         else:
             mean, var = ra_mean.value, ra_var.value
         y = (xf - mean[:, None]) * jax.lax.rsqrt(var[:, None] + self.epsilon)

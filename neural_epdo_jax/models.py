@@ -105,8 +105,12 @@ class NeuralEPDONet(nn.Module):
         return tuple(plan)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """[B, H, W, 1] images -> [B, num_classes] float32 logits (invariant)."""
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """[B, H, W, 1] images -> [B, num_classes] float32 logits (invariant).
+
+        ``mask`` [B] (training): 0 marks padding rows, which then do not enter the batch
+        statistics (`layers.FieldBatchNorm`); `training.train_step` passes the batch's mask.
+        """
         if x.ndim != 4 or x.shape[-1] != 1:
             raise ValueError(
                 "NeuralEPDONet expects images of shape [batch, height, width, 1], got "
@@ -141,7 +145,7 @@ class NeuralEPDONet(nn.Module):
                     **common,
                 )
             x = conv(x)
-            x = nn.relu(layers.FieldBatchNorm(blk.norm_type)(x, train=train))
+            x = nn.relu(layers.FieldBatchNorm(blk.norm_type)(x, train=train, mask=mask))
             if i >= 2:
                 x = layers.ChannelDropout(self.dropout, blk.out_type, self.dropout_per_field)(
                     x, train=train
@@ -152,7 +156,7 @@ class NeuralEPDONet(nn.Module):
         x = jnp.max(x, axis=(1, 2)).astype(jnp.float32)  # [B, F]
         x = layers.TorchDense(64)(x)
         head = fields.FieldType(groups.Group(1), "trivial", 64)  # plain BatchNorm1d
-        x = layers.FieldBatchNorm(head)(x, train=train)
+        x = layers.FieldBatchNorm(head)(x, train=train, mask=mask)
         x = nn.relu(x)
         return layers.TorchDense(self.num_classes)(x)
 

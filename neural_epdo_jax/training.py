@@ -24,6 +24,7 @@ next to the last-epoch accuracy, never instead of it.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -31,6 +32,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -243,6 +245,41 @@ def metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Metric
     }
 
 
+def _takes_mask(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _mask_kwargs(apply_fn: Callable, mask: jax.Array) -> dict:
+    """``{'mask': mask}`` when the model's ``__call__`` (or a plain ``apply_fn``) takes a
+    ``mask`` (padding rows then stay out of its batch statistics); otherwise ``{}`` and a
+    warning (once per model, at trace time): its BatchNorms see the padding of an epoch's
+    last batch."""
+    module = getattr(apply_fn, "__self__", None)
+    if isinstance(module, nn.Module):
+        if _takes_mask(type(module).__call__):
+            return {"mask": mask}
+        _warn_no_mask(type(module).__name__)
+    elif _takes_mask(apply_fn):
+        return {"mask": mask}
+    else:
+        _warn_no_mask(getattr(apply_fn, "__name__", "apply_fn"))
+    return {}
+
+
+@functools.cache
+def _warn_no_mask(name: str) -> None:
+    warnings.warn(
+        f"{name} takes no `mask`: the zero padding of an epoch's last "
+        "batch enters its batch statistics. Accept `mask` ([batch], 0 for padding) and pass "
+        "it to its BatchNorms (e.g. flax's `nn.BatchNorm(...)(x, mask=...)`).",
+        stacklevel=3,
+    )
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -256,7 +293,10 @@ def train_step(
     Args:
       state: the train state.
       batch: ``image`` [B, H, W, 1] float32, ``label`` [B] int32, ``mask`` [B] float32 (0 for
-        padding, which then counts nothing in the loss, gradient and metrics).
+        padding, which then counts nothing in the loss, gradient and metrics, nor -- passed
+        to the model as ``mask`` when its ``__call__`` takes one -- in the batch statistics:
+        without dropout and augmentation, a padded batch makes the step of its real
+        examples; with them, its random draws are those of the padded shape).
       rng: the run's training key; this step uses ``fold_in(rng, state.step)``.
       augmentation: an ``augment.augment`` method.
       adam_reset_every_steps: if > 0, Adam restarts at steps divisible by it (one epoch:
@@ -277,6 +317,7 @@ def train_step(
             train=True,
             rngs={"dropout": dropout_rng},
             mutable=["batch_stats"],
+            **_mask_kwargs(state.apply_fn, batch["mask"]),
         )
         sums = metric_sums(logits, batch["label"], batch["mask"])
         return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)

@@ -149,6 +149,31 @@ def test_batch_norm_matches_pytorch_semantics():
     np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var * n / (n - 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(8, 8), ()])
+def test_batch_norm_mask_keeps_padding_out_of_the_statistics(shape):
+    """A masked batch (3 real rows + 2 rows of padding) normalises its real rows and updates
+    the running statistics exactly as the 3 real rows alone; unmasked, the padding leaks in
+    (the control)."""
+    ft = fields.FieldType(C4, "regular", 2)
+    real = jax.random.normal(KEY, (3, *shape, ft.size)) * 2 + 1
+    padded = jnp.concatenate([real, jnp.zeros((2, *shape, ft.size))])
+    mask = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
+    bn = layers.FieldBatchNorm(ft)
+    v = bn.init(KEY, real, train=False)
+    run = functools.partial(bn.apply, v, train=True, mutable=["batch_stats"])
+    want, want_stats = run(real)
+    got, got_stats = run(padded, mask=mask)
+    np.testing.assert_allclose(got[:3], want, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(got_stats, want_stats, rtol=1e-6, atol=1e-6)
+    leaky, leaky_stats = run(padded)
+    assert np.max(np.abs(leaky[:3] - want)) > 0.1
+    assert (
+        np.max(np.abs(leaky_stats["batch_stats"]["var"] - want_stats["batch_stats"]["var"])) > 0.01
+    )
+    with pytest.raises(ValueError, match="mask must have shape"):
+        run(padded, mask=mask[:3])
+
+
 def test_group_norm_statistics_per_sample_and_field():
     ft = fields.FieldType(C4, "regular", 3)
     x = _x(ft, batch=2) * 3 + 1

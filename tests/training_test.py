@@ -29,7 +29,7 @@ from absl.testing import absltest, parameterized
 from configs import default as default_config
 from configs import mnist_rot_regular_fd
 from configs import test as test_config
-from neural_epdo_jax import checkpointing, evaluate, input_pipeline, training
+from neural_epdo_jax import checkpointing, evaluate, input_pipeline, models, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +44,10 @@ class _TinyNet(nn.Module):
     """A few-parameter CNN with the model's interface, for fast step tests."""
 
     @nn.compact
-    def __call__(self, x, *, train):
+    def __call__(self, x, *, train, mask=None):
         x = nn.Conv(4, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        bn_mask = None if mask is None else mask[:, None, None, None] > 0
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x, mask=bn_mask)
         x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
         return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
@@ -212,6 +213,61 @@ class StepTest(parameterized.TestCase):
         padded = training.eval_step(state_a, batch)
         real = training.eval_step(state_a, {k: v[:27] for k, v in batch.items()})
         chex.assert_trees_all_close(padded, real, rtol=1e-5)
+
+    def test_padded_batch_makes_the_step_of_its_real_examples(self):
+        """Padding stays out of the BatchNorm statistics too (the model takes the mask):
+        without dropout, 5 real rows padded to 8 make the step of the 5 rows alone, whatever
+        the padding holds. Control: a model that ignores the mask."""
+        model = models.NeuralEPDONet(
+            n=4, channels=(2, 2, 2, 2, 2, 2), g=2, s=2, order=2, kernel_size=3, dropout=0.0
+        )
+        tx = optax.sgd(0.1)  # (Adam would turn round-off in ~0 gradients into +-lr steps)
+        state = training.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+        real = _batch(5, seed=4)
+
+        def padded(fill):
+            return {
+                "image": np.concatenate([real["image"], fill.astype(np.float32)]),
+                "label": np.concatenate([real["label"], np.arange(3, dtype=np.int32)]),
+                "mask": np.concatenate([real["mask"], np.zeros(3, np.float32)]),
+            }
+
+        zeros = padded(np.zeros((3, 8, 8, 1)))
+        noise = padded(np.random.default_rng(0).normal(size=(3, 8, 8, 1)) * 50)
+        step = jax.jit(training.train_step)
+        rng = jax.random.key(2)
+        want, want_m = step(state, real, rng)
+        got, got_m = step(state, zeros, rng)
+        # Exact: what the padding holds changes nothing (same shapes, same arithmetic).
+        again, _ = step(state, noise, rng)
+        chex.assert_trees_all_close(
+            (again.params, again.batch_stats), (got.params, got.batch_stats), rtol=1e-6, atol=1e-7
+        )
+        # Up to round-off (8 rows are summed in another order than 5): updates are ~1.
+        chex.assert_trees_all_close(got_m, want_m, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(got.params, want.params, atol=2e-3)
+        chex.assert_trees_all_close(got.batch_stats, want.batch_stats, atol=1e-4)
+
+        def ignores_mask(variables, x, **kwargs):
+            kwargs.pop("mask")
+            return model.apply(variables, x, **kwargs)
+
+        leaky, _ = step(state.replace(apply_fn=ignores_mask), zeros, rng)
+        for part, at_least in (("batch_stats", 0.02), ("params", 0.1)):
+            a, b = getattr(leaky, part), getattr(want, part)
+            diff = jax.tree.map(lambda p, q: float(np.max(np.abs(p - q))), a, b)
+            self.assertGreater(max(jax.tree.leaves(diff)), at_least)
+
+    def test_model_without_mask_warns(self):
+        class NoMask(nn.Module):
+            @nn.compact
+            def __call__(self, x, *, train):
+                return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+        tx = optax.sgd(0.1)
+        state = training.create_train_state(jax.random.key(0), NoMask(), tx, (8, 8, 1))
+        with self.assertWarnsRegex(UserWarning, "NoMask takes no `mask`"):
+            training.train_step(state, _batch(), jax.random.key(0))
 
     def test_train_step_traces_once_over_epochs_with_padded_last_batch(self):
         @chex.assert_max_traces(n=1)
