@@ -12,8 +12,9 @@ XLA's cost analysis of the step (``flops``; lowered with ``chunk=0`` because XLA
 loop body once) divided by the median step time, next to
 the rate of one large float32 matmul measured in the same subprocess afterwards: the fraction
 shows how far the step is from the machine's dense-matmul speed. Peak RSS is VmHWM after
-training (train) and after evaluation (+eval). Timings on a shared machine are noisy: the
-load average is printed with the table.
+training (train) and after evaluation (+eval); after each compilation the benchmark, like
+train.py, returns the compiler's freed heap to the OS (`training.release_free_memory`).
+Timings on a shared machine are noisy: the load average is printed with the table.
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def run_child(name: str) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, rng).compile()
     res["compile_train_s"] = time.perf_counter() - t0
+    res["rss_compiled_mb"] = _vm_hwm_mb()
     state0 = state.replace(apply_fn=flops_model.apply)
     res["train_flops"] = _flops(jax.jit(step_fn).lower(state0, batch, rng))
+    training.release_free_memory()  # as train.py does after compiling
 
     holder = {"state": state}
 
@@ -153,6 +156,7 @@ def run_child(name: str) -> dict:
         t0 = time.perf_counter()
         ecompiled = jax.jit(training.eval_step).lower(holder["state"], ebatch).compile()
         res["compile_eval_s"] = time.perf_counter() - t0
+        training.release_free_memory()
         state0 = holder["state"].replace(apply_fn=flops_model.apply)
         res["eval_flops"] = _flops(jax.jit(training.eval_step).lower(state0, ebatch))
         run_eval = lambda: jax.block_until_ready(ecompiled(holder["state"], ebatch))

@@ -23,6 +23,8 @@ next to the last-epoch accuracy, never instead of it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import inspect
 import itertools
@@ -339,6 +341,25 @@ def eval_step(state: TrainState, batch: Batch) -> Metrics:
     return metric_sums(logits, batch["label"], batch["mask"])
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op
+    elsewhere). Call it after compiling: XLA frees the memory its compiler used, but glibc
+    keeps it mapped, so it would add to the peak RSS of the steps that follow (measured on
+    CPU, R-gauss training at batch 64: peak 2044 -> 1557 MiB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def evaluate(
     eval_fn: Callable[[TrainState, Batch], Metrics],
     state: TrainState,
@@ -349,6 +370,8 @@ def evaluate(
     total = None
     for batch in batches:
         sums = eval_fn(state, batch)
+        if total is None:
+            release_free_memory()  # after a (first) compilation
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
     count = max(float(total["count"]), 1.0)
@@ -681,6 +704,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if timing["start"] is None:
                         compile_start = time.time()
                         state, step_metrics = train_fn(state, batch, train_rng)
+                        release_free_memory()  # the compiler's
                         jax.block_until_ready(step_metrics)
                         seconds = time.time() - compile_start
                         _log(f"first train step (compile included): {seconds:.1f}s")
