@@ -132,7 +132,6 @@ def run_child(name: str) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, rng).compile()
     res["compile_train_s"] = time.perf_counter() - t0
-    res["rss_compiled_mb"] = _vm_hwm_mb()
     state0 = state.replace(apply_fn=flops_model.apply)
     res["train_flops"] = _flops(jax.jit(step_fn).lower(state0, batch, rng))
     training.release_free_memory()  # as train.py does after compiling
