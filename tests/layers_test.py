@@ -133,20 +133,30 @@ def test_spatially_varying_matches_unfold():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_batch_norm_matches_pytorch_semantics():
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_batch_norm_matches_pytorch_semantics(offset):
+    """Float64 two-pass statistics as the reference; with a large common offset the merged
+    per-example moments stay exact where the one-pass E[x^2] - E[x]^2 fails (control)."""
     ft = fields.FieldType(C4, "regular", 2)
-    x = _x(ft, batch=3)
+    x = _x(ft, batch=3) + offset
     bn = layers.FieldBatchNorm(ft)
     v = bn.init(KEY, x, train=False)
     y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
-    xf = np.asarray(x).reshape(3, 8, 8, 2, 4)
+    xf = np.asarray(x, np.float64).reshape(3, 8, 8, 2, 4)
     mean = xf.mean(axis=(0, 1, 2, 4))
     var = xf.var(axis=(0, 1, 2, 4))
     want = (xf - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
-    np.testing.assert_allclose(np.asarray(y).reshape(xf.shape), want, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(y).reshape(xf.shape), want, atol=1e-3 if offset else 1e-4)
     n = xf.size // 2
-    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, atol=1e-6)
-    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var * n / (n - 1), atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-6, atol=1e-6)
+    want_var = 0.9 + 0.1 * var * n / (n - 1)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], want_var, rtol=1e-5, atol=1e-5)
+    if offset:
+        x32 = np.asarray(x).reshape(xf.shape)
+        one_pass = np.mean(np.square(x32), axis=(0, 1, 2, 4)) - np.square(
+            x32.mean(axis=(0, 1, 2, 4))
+        )
+        assert np.max(np.abs(one_pass - var)) > 1e-2
 
 
 @pytest.mark.parametrize("shape", [(8, 8), ()])
