@@ -18,6 +18,13 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics). Default: runs/<config file stem>."
 )
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming) or evaluate.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "On CPU: JAX devices to split the host into for data parallelism (0: one per core; 1: "
+    "none). The result does not depend on it beyond float summation order.",
+    lower_bound=0,
+)
 
 
 def _unknown_key_exit(error: Exception) -> None:
@@ -51,7 +58,9 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax logs a lot.
     # Imported here so that --help and flag errors do not wait for JAX.
-    from neural_epdo_jax import checkpointing, datasets, evaluate, training
+    from neural_epdo_jax import checkpointing, datasets, evaluate, parallel, training
+
+    parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(config_file))[0]

@@ -7,9 +7,12 @@
 Each variant runs in a fresh subprocess (so its peak RSS is its own) that builds the bases,
 initialises the model (jitted, on one small input), compiles the training step
 (``training.train_step``: forward + backward + Adam update, no augmentation) and the eval
-step, times ``--steps`` steps after one warm-up step each and reports medians. "GFLOP/s" is
-XLA's cost analysis of the step (``flops``; lowered with ``chunk=0`` because XLA counts a
-loop body once) divided by the median step time, next to
+step, times ``--steps`` steps after one warm-up step each and reports medians. Like train.py
+it splits a CPU host into one JAX device per core and runs the steps data-parallel
+(``--cpu_devices=1``: one device). "GFLOP/s" is XLA's cost analysis of the straightforward
+formulation of the step (``impl='dense'``, expanded kernels; lowered with ``chunk=0`` because
+XLA counts a loop body once; in brackets the formulation that runs) divided by the median
+step time, next to
 the rate of one large float32 matmul measured in the same subprocess afterwards: the fraction
 shows how far the step is from the machine's dense-matmul speed. Peak RSS is VmHWM after
 training (train) and after evaluation (+eval); after each compilation the benchmark, like
@@ -43,6 +46,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).
 _IMPL = flags.DEFINE_string("impl", "", "Model `impl` ('fourier' or 'dense'); '' = default.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _CHUNK = flags.DEFINE_integer("chunk", -1, "Model `chunk` (images at a time); -1 = default.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "CPU devices (data parallel) as train.py: 0 = one per core.", lower_bound=0
+)
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the reference float32 matmul.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results (a JSON list) to this file.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: run one variant and print JSON.")
@@ -94,23 +100,35 @@ def run_child(name: str) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from neural_epdo_jax import models, training
+    from neural_epdo_jax import input_pipeline, models, parallel, training
 
+    parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts, as train.py does
     res = {"variant": name, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
     res["import_s"] = time.perf_counter() - t_import
+    batches = (_BATCH.value,) + ((_EVAL_BATCH.value,) if _EVAL_BATCH.value > 0 else ())
+    sharding = input_pipeline.data_mesh_sharding(batches)
+    res["devices"] = 1 if sharding is None else sharding.mesh.size
     kwargs = dict(VARIANTS[name], dtype=_DTYPE.value)
     if _IMPL.value:
         kwargs["impl"] = _IMPL.value
     if _CHUNK.value >= 0:
         kwargs["chunk"] = _CHUNK.value
-    model = models.NeuralEPDONet(**kwargs)
-    # XLA's cost analysis counts a loop body once: FLOPs come from the same step lowered
-    # (not compiled) with the whole batch at once (chunk=0; same parameters, same math).
-    flops_model = models.NeuralEPDONet(**dict(kwargs, chunk=0))
+    axis = None if sharding is None else sharding.mesh.axis_names[0]
+    model = models.NeuralEPDONet(**kwargs, axis_name=axis)
+    # The FLOP rate counts the straightforward formulation (impl='dense': expanded kernels)
+    # and, separately, the one that runs. XLA's cost analysis counts a loop body once, so
+    # both come from the step lowered (not compiled) on one device with the whole batch at
+    # once (chunk=0; same parameters, same math).
+    flops_models = {
+        "train_flops": models.NeuralEPDONet(**dict(kwargs, impl="dense", chunk=0)),
+        "train_flops_run": models.NeuralEPDONet(**dict(kwargs, chunk=0)),
+    }
 
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
     t0 = time.perf_counter()
     state = training.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+    if sharding is not None:
+        state = jax.device_put(state, training.replicated(sharding))
     jax.block_until_ready(state)
     res["init_s"] = time.perf_counter() - t0
     res["params"] = models.count_params(state.params)
@@ -124,16 +142,26 @@ def run_child(name: str) -> dict:
         }
 
     rng = jax.random.key(1)
-    batch = batch_of(_BATCH.value, 0)
+    batch = jax.device_put(batch_of(_BATCH.value, 0), sharding)
 
-    def step_fn(state, batch, rng):
-        return training.train_step(state, batch, rng, augmentation="none")
+    def step_fn(state, batch, rng, axis_name=None):
+        return training.train_step(state, batch, rng, augmentation="none", axis_name=axis_name)
+
+    def flops(fn, *args, key):
+        one = jax.devices()[0]
+        args = jax.device_put(args, one)
+        return {
+            k.replace("train", key): _flops(
+                jax.jit(fn).lower(args[0].replace(apply_fn=m.apply), *args[1:])
+            )
+            for k, m in flops_models.items()
+        }
 
     t0 = time.perf_counter()
-    compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, rng).compile()
+    step = training.jit_data_parallel(step_fn, sharding, donate_state=True)
+    compiled = step.lower(state, batch, rng).compile()
     res["compile_train_s"] = time.perf_counter() - t0
-    state0 = state.replace(apply_fn=flops_model.apply)
-    res["train_flops"] = _flops(jax.jit(step_fn).lower(state0, batch, rng))
+    res.update(flops(step_fn, state, batch, rng, key="train"))
     training.release_free_memory()  # as train.py does after compiling
 
     holder = {"state": state}
@@ -148,22 +176,27 @@ def run_child(name: str) -> dict:
     res["train_step_all_s"] = times
     res["train_img_s"] = _BATCH.value / res["train_step_s"]
     res["train_gflop_s"] = res["train_flops"] / res["train_step_s"] / 1e9
+    res["train_gflop_s_run"] = res["train_flops_run"] / res["train_step_s"] / 1e9
     res["rss_train_mb"] = _vm_hwm_mb()
 
     if _EVAL_BATCH.value > 0:
-        ebatch = batch_of(_EVAL_BATCH.value, 1)
+        ebatch = jax.device_put(batch_of(_EVAL_BATCH.value, 1), sharding)
         t0 = time.perf_counter()
-        ecompiled = jax.jit(training.eval_step).lower(holder["state"], ebatch).compile()
+        ecompiled = (
+            training.jit_data_parallel(training.eval_step, sharding)
+            .lower(holder["state"], ebatch)
+            .compile()
+        )
         res["compile_eval_s"] = time.perf_counter() - t0
         training.release_free_memory()
-        state0 = holder["state"].replace(apply_fn=flops_model.apply)
-        res["eval_flops"] = _flops(jax.jit(training.eval_step).lower(state0, ebatch))
+        res.update(flops(training.eval_step, holder["state"], ebatch, key="eval"))
         run_eval = lambda: jax.block_until_ready(ecompiled(holder["state"], ebatch))
         run_eval()
         etimes = _time_steps(run_eval, max(2, _STEPS.value // 2))
         res["eval_step_s"] = statistics.median(etimes)
         res["eval_img_s"] = _EVAL_BATCH.value / res["eval_step_s"]
         res["eval_gflop_s"] = res["eval_flops"] / res["eval_step_s"] / 1e9
+        res["eval_gflop_s_run"] = res["eval_flops_run"] / res["eval_step_s"] / 1e9
         res["rss_eval_mb"] = _vm_hwm_mb()
     res["matmul_gflop_s"] = _matmul_gflops(_MATMUL.value)
     return res
@@ -180,14 +213,15 @@ def _row(r: dict) -> str:
     if "error" in r:
         return f"| {r['variant']} | failed: {r['error']} |"
     ev = r.get("eval_img_s")
+    per_img = r["train_flops"] / _BATCH.value / 1e9, r["train_flops_run"] / _BATCH.value / 1e9
+    eval_rate = f"{r['eval_gflop_s']:.1f} ({r['eval_gflop_s_run']:.1f})" if ev is not None else "-"
     return (
         f"| {r['variant']} | {r['params']:,} | {r['init_s']:.1f} | {r['compile_train_s']:.1f} | "
         f"{r['train_step_s']:.3f} | {r['train_img_s']:.1f} | "
         + (f"{ev:.1f}" if ev is not None else "-")
         + f" | {r['rss_train_mb']:.0f} / {r.get('rss_eval_mb', float('nan')):.0f} | "
-        f"{r['train_flops'] / _BATCH.value / 1e9:.2f} | {r['train_gflop_s']:.1f} | "
-        + (f"{r['eval_gflop_s']:.1f}" if ev is not None else "-")
-        + f" | {r['matmul_gflop_s']:.0f} |"
+        f"{per_img[0]:.2f} ({per_img[1]:.2f}) | {r['train_gflop_s']:.1f} "
+        f"({r['train_gflop_s_run']:.1f}) | {eval_rate} | {r['matmul_gflop_s']:.0f} |"
     )
 
 
@@ -216,10 +250,12 @@ def main(argv):
         print(f"{name}: done (load {load})", file=sys.stderr, flush=True)
     ok = [r for r in results if "error" not in r]
     dev = ok[0]["device"] if ok else "?"
+    ndev = ok[0]["devices"] if ok else "?"
     print(
         f"\nbatch {_BATCH.value} (train), {_EVAL_BATCH.value} (eval), {_DTYPE.value}, "
-        f"impl={_IMPL.value or 'default'}, device {dev}, {os.cpu_count()} CPUs, "
-        f"load average now {_load()}; medians of {_STEPS.value} steps.\n"
+        f"impl={_IMPL.value or 'default'}, {ndev} x {dev} (data parallel), {os.cpu_count()} "
+        f"CPUs, load average now {_load()}; medians of {_STEPS.value} steps. GFLOP: XLA's count "
+        "of the straightforward formulation (impl='dense'), in brackets of the one that ran.\n"
     )
     print(
         "| variant | params | init s | compile train s | train step s | train img/s | "

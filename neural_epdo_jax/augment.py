@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from neural_epdo_jax import parallel
+
 METHODS: tuple[str, ...] = ("reference", "bilinear", "none")
 
 REFERENCE_UPSAMPLE = 3  # 28 -> 84 -> 28
@@ -106,7 +108,9 @@ def reference_transform(images: jax.Array, angles: jax.Array) -> jax.Array:
     return down.astype(images.dtype)
 
 
-def augment(rng: jax.Array, images: jax.Array, method: str) -> jax.Array:
+def augment(
+    rng: jax.Array, images: jax.Array, method: str, *, axis_name: str | None = None
+) -> jax.Array:
     """Rotates every image of a batch by its own random angle, uniform in [-180, 180] degrees.
 
     Jittable with ``method`` static. Test images are not augmented (pass ``'none'``).
@@ -115,6 +119,9 @@ def augment(rng: jax.Array, images: jax.Array, method: str) -> jax.Array:
       rng: a PRNG key.
       images: [B, H, W, C] float.
       method: 'reference', 'bilinear' or 'none' (see the module docstring).
+      axis_name: when the batch is split over the devices of this axis (`parallel`), the
+        angles are drawn for the whole batch and each device takes its rows: the same angles
+        as on one device.
 
     Returns:
       [B, H, W, C], same dtype.
@@ -126,7 +133,7 @@ def augment(rng: jax.Array, images: jax.Array, method: str) -> jax.Array:
         raise ValueError(f"unknown augmentation method {method!r}; valid: {', '.join(METHODS)}")
     if method == "none":
         return images
-    angles = random_angles(rng, images.shape[0])
+    angles = parallel.batch_rows(lambda n: random_angles(rng, n), images.shape[0], axis_name)
     if method == "reference":
         return reference_transform(images, angles)
     return rotate(images, angles, order=1)

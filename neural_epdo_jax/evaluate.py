@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from neural_epdo_jax import augment, checkpointing, input_pipeline, training
+from neural_epdo_jax import augment, checkpointing, input_pipeline, parallel, training
 
 SWEEP_JSON = "rotation_sweep.json"
 SWEEP_PNG = "rotation_sweep.png"
@@ -82,13 +82,12 @@ def rotation_sweep(
     """Test accuracy of ``state`` on the images rotated by each angle (counterclockwise,
     bilinear, about the image centre)."""
 
-    def rotated_eval_step(state, batch, angle_degrees):
+    def rotated_eval_step(state, batch, angle_degrees, axis_name=None):
         angles = jnp.full(batch["image"].shape[:1], jnp.deg2rad(angle_degrees))  # [B]
         images = augment.rotate(batch["image"], angles, order=1)
-        return training.eval_step(state, dict(batch, image=images))
+        return training.eval_step(state, dict(batch, image=images), axis_name=axis_name)
 
-    kwargs = {} if sharding is None else {"out_shardings": training.replicated(sharding)}
-    eval_fn = jax.jit(rotated_eval_step, **kwargs)
+    eval_fn = training.jit_data_parallel(rotated_eval_step, sharding)
     accuracies = []
     for angle in angles_degrees:
         batches = input_pipeline.epoch_batches(
@@ -130,12 +129,12 @@ def run(
     config, state, step, which = load_state(workdir, checkpoint)
     limit = config.num_test_examples if num_test_examples is None else num_test_examples
     images, labels = training.load_split(config, config.test_split, limit)
-    sharding = input_pipeline.data_mesh_sharding()
+    batch_size = config.eval_batch_size
+    sharding = input_pipeline.data_mesh_sharding((batch_size,))
     if sharding is not None:
         state = jax.device_put(state, training.replicated(sharding))
-    batch_size = config.eval_batch_size
 
-    eval_fn = jax.jit(training.eval_step)
+    eval_fn = training.jit_data_parallel(training.eval_step, sharding)
     test = training.evaluate(
         eval_fn,
         state,
@@ -188,6 +187,7 @@ def main(argv: list[str]) -> None:
     values = flags.FLAGS
     if not values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    parallel.use_cpu_cores(values.cpu_devices)  # before JAX starts
     try:
         run(
             values.workdir,
@@ -207,6 +207,12 @@ if __name__ == "__main__":
     flags.DEFINE_float("angle_step_degrees", 7.5, "Spacing of the rotation sweep.")
     flags.DEFINE_integer(
         "num_test_examples", None, "Evaluate the first N test images (default: the config's)."
+    )
+    flags.DEFINE_integer(
+        "cpu_devices",
+        0,
+        "On CPU: JAX devices, one per core if 0 (`parallel.use_cpu_cores`).",
+        lower_bound=0,
     )
     flags.mark_flag_as_required("workdir")
     app.run(main)

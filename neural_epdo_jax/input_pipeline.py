@@ -15,7 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+from neural_epdo_jax import parallel
+
+DATA_AXIS = parallel.DATA_AXIS
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
@@ -25,9 +27,12 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def data_mesh_sharding() -> NamedSharding | None:
-    """Batch-axis sharding over a 1-D 'data' mesh of all local devices; None with one device."""
+def data_mesh_sharding(batch_sizes: tuple[int, ...] = ()) -> NamedSharding | None:
+    """Batch-axis sharding over a 1-D 'data' mesh of the local devices: the most of them
+    that split every one of ``batch_sizes`` evenly (`parallel.mesh_size`; all of them when
+    none is given). None when that is one device."""
     devices = jax.local_devices()
+    devices = devices[: parallel.mesh_size(len(devices), tuple(batch_sizes))]
     if len(devices) == 1:
         return None
     mesh = Mesh(np.asarray(devices), (DATA_AXIS,))

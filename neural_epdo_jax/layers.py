@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import bases, fields, groups
+from neural_epdo_jax import bases, fields, groups, parallel
 
 Dtype = Any
 
@@ -468,11 +468,15 @@ class FieldBatchNorm(nn.Module):
     squares; Chan et al.'s exact pairwise formula) and applied as one ``x * scale + shift``
     per field, so the backward pass keeps only the input (measured: the R-gauss training
     step's temporary buffer 948 -> 707 MiB at batch 64, against normalising ``x - mean``).
+
+    ``axis_name``: when the batch is split over the devices of this axis (data parallelism,
+    `parallel`), the statistics are summed over it: those of the whole batch.
     """
 
     ftype: fields.FieldType
     momentum: float = 0.1
     epsilon: float = 1e-5
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -495,10 +499,14 @@ class FieldBatchNorm(nn.Module):
             mean_e, m2_e, per_ex = _field_moments(xf)
             n = xf.shape[0]
             wts = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-            count = jnp.maximum(jnp.sum(wts) * per_ex, 1.0)
-            mean = jnp.sum(wts[:, None] * mean_e, axis=0) * per_ex / count
+
+            def batch_sum(v: jax.Array) -> jax.Array:
+                return parallel.total(jnp.sum(v, axis=0), self.axis_name)
+
+            count = jnp.maximum(batch_sum(wts) * per_ex, 1.0)
+            mean = batch_sum(wts[:, None] * mean_e) * per_ex / count
             spread = m2_e + per_ex * jnp.square(mean_e - mean)
-            var = jnp.sum(wts[:, None] * spread, axis=0) / count
+            var = batch_sum(wts[:, None] * spread) / count
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
@@ -931,23 +939,37 @@ _max_pool_2x2.defvjp(_mp_fwd, _mp_bwd)
 class ChannelDropout(nn.Module):
     """Dropout of whole channels (PyTorch Dropout2d: the reference's), or of whole fields
     (``per_field=True``: every component of a field dropped together, which keeps the
-    training-time map equivariant)."""
+    training-time map equivariant).
+
+    ``axis_name``: when the batch is split over the devices of this axis, the masks are drawn
+    for the whole batch and each device takes its rows (`parallel.batch_rows`): the same
+    masks as on one device."""
 
     rate: float
     ftype: fields.FieldType | None = None
     per_field: bool = False
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if not train or self.rate == 0.0:
             return x
         b, c = x.shape[0], x.shape[-1]
+        key = self.make_rng("dropout")
         if self.per_field:
             f = self.ftype.num_fields
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, (b, 1, 1, f, 1))
+            keep = parallel.batch_rows(
+                lambda n: jax.random.bernoulli(key, 1.0 - self.rate, (n, 1, 1, f, 1)),
+                b,
+                self.axis_name,
+            )
             keep = jnp.broadcast_to(keep, (b, 1, 1, f, c // f)).reshape(b, 1, 1, c)
         else:
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, (b, 1, 1, c))
+            keep = parallel.batch_rows(
+                lambda n: jax.random.bernoulli(key, 1.0 - self.rate, (n, 1, 1, c)),
+                b,
+                self.axis_name,
+            )
         return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 

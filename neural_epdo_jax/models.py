@@ -38,7 +38,9 @@ class NeuralEPDONet(nn.Module):
     ``impl`` picks the Neural ePDO layers' computation ('fourier', the default, or 'dense':
     same parameters, same outputs up to round-off) and ``chunk`` how many images they
     process at a time (None: per backend and mode, `layers.default_chunk`); see
-    `layers.NeuralEPDO`.
+    `layers.NeuralEPDO`. ``axis_name``: the data-parallel axis when the batch is split over
+    devices (`parallel`): BatchNorm statistics and dropout masks are then those of the whole
+    batch (training mode only; None for one device).
     """
 
     n: int = 16
@@ -57,6 +59,7 @@ class NeuralEPDONet(nn.Module):
     dtype: str = "float32"
     impl: str = "fourier"
     chunk: int | None = None
+    axis_name: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -145,18 +148,19 @@ class NeuralEPDONet(nn.Module):
                     **common,
                 )
             x = conv(x)
-            x = nn.relu(layers.FieldBatchNorm(blk.norm_type)(x, train=train, mask=mask))
+            bn = layers.FieldBatchNorm(blk.norm_type, axis_name=self.axis_name)
+            x = nn.relu(bn(x, train=train, mask=mask))
             if i >= 2:
-                x = layers.ChannelDropout(self.dropout, blk.out_type, self.dropout_per_field)(
-                    x, train=train
-                )
+                x = layers.ChannelDropout(
+                    self.dropout, blk.out_type, self.dropout_per_field, self.axis_name
+                )(x, train=train)
             if i in (1, 3):
                 x = layers.max_pool_2x2(x)
         x = layers.group_pool(x, plan[-1].out_type)  # [B, H, W, F]
         x = jnp.max(x, axis=(1, 2)).astype(jnp.float32)  # [B, F]
         x = layers.TorchDense(64)(x)
         head = fields.FieldType(groups.Group(1), "trivial", 64)  # plain BatchNorm1d
-        x = layers.FieldBatchNorm(head)(x, train=train, mask=mask)
+        x = layers.FieldBatchNorm(head, axis_name=self.axis_name)(x, train=train, mask=mask)
         x = nn.relu(x)
         return layers.TorchDense(self.num_classes)(x)
 

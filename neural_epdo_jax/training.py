@@ -9,9 +9,13 @@ numbers (augmentation, dropout) of ``(seed, step)``, so a run interrupted at any
 (SIGINT/SIGTERM: the current step finishes and is saved; ``kill -9``: the unfinished epoch is
 lost) and rerun ends, on CPU, with bitwise the same parameters as an uninterrupted one.
 
-Multi-device: with several local devices the batch is sharded over a 'data' mesh axis and
-the state replicated; jit partitions the step, so BatchNorm statistics, the loss and the
-metrics are over the global batch, as on one device (XLA inserts the reductions).
+Multi-device (data parallelism, `parallel`): with several local devices the batch is split
+over a 'data' mesh axis, the state replicated, and the steps run per device
+(``jax.shard_map``, `jit_data_parallel`); BatchNorm statistics, the loss, the gradients and
+the metrics are summed over the devices and the random draws made for the whole batch, so a
+step equals the one-device step up to float summation order. train.py splits a CPU host
+into one device per core (`parallel.use_cpu_cores`): XLA runs each device's program mostly
+on one core.
 Multi-host: ``config.distributed = True`` calls ``jax.distributed.initialize()`` first
 (cluster auto-detection; see its docs for explicit coordinator arguments).
 
@@ -47,7 +51,7 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from neural_epdo_jax import augment, checkpointing, datasets, input_pipeline, models
+from neural_epdo_jax import augment, checkpointing, datasets, input_pipeline, models, parallel
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -76,8 +80,9 @@ class TrainState(train_state.TrainState):
 # ----------------------------------------------------------------------------- config
 
 
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The model of ``config.model_name`` built from ``config.model`` and ``config.dtype``.
+def create_model(config: ml_collections.ConfigDict, axis_name: str | None = None) -> nn.Module:
+    """The model of ``config.model_name`` built from ``config.model`` and ``config.dtype``;
+    ``axis_name``: the data-parallel axis the training step runs over (`parallel`), if any.
 
     Raises:
       ValueError: unknown model name or constructor argument, or an invalid combination of
@@ -89,6 +94,8 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
     cls = MODELS[config.model_name]
+    if axis_name is not None:
+        kwargs["axis_name"] = axis_name
     try:
         return cls(**kwargs, dtype=config.dtype)
     except TypeError as e:  # An argument the model does not take.
@@ -281,6 +288,19 @@ def _warn_no_mask(name: str) -> None:
     )
 
 
+def _check_axis_name(apply_fn: Callable, axis_name: str) -> None:
+    module = getattr(apply_fn, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return
+    built = getattr(module, "axis_name", None)
+    if built != axis_name:
+        raise ValueError(
+            f"train_step(axis_name={axis_name!r}): the model was built with axis_name="
+            f"{built!r}, so its BatchNorm statistics would be per device, not over the whole "
+            f"batch; build it with training.create_model(config, axis_name={axis_name!r})."
+        )
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -288,6 +308,7 @@ def train_step(
     *,
     augmentation: str = "none",
     adam_reset_every_steps: int = 0,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on the masked mean cross-entropy of an augmented batch.
 
@@ -302,14 +323,19 @@ def train_step(
       augmentation: an ``augment.augment`` method.
       adam_reset_every_steps: if > 0, Adam restarts at steps divisible by it (one epoch:
         the reference's per-epoch optimizer).
+      axis_name: set when the step runs per device with the batch split over this axis
+        (`jit_data_parallel`); the model must be built with the same ``axis_name``. The
+        result is then the one-device step's, up to float summation order.
 
     Returns:
       The new state and the step's metric sums (see :func:`metric_sums`) plus ``finite``:
       whether the loss and the new parameters are finite.
     """
+    if axis_name is not None:
+        _check_axis_name(state.apply_fn, axis_name)
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
-    images = augment.augment(augment_rng, batch["image"], augmentation)
+    images = augment.augment(augment_rng, batch["image"], augmentation, axis_name=axis_name)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -321,9 +347,13 @@ def train_step(
             **_mask_kwargs(state.apply_fn, batch["mask"]),
         )
         sums = metric_sums(logits, batch["label"], batch["mask"])
-        return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
+        count = parallel.total(sums["count"], axis_name)
+        # Each device's part of the global mean: the parts' gradients sum to its gradient.
+        return sums["loss"] / jnp.maximum(count, 1.0), (sums, updates)
 
-    (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, sums = parallel.total((grads, sums), axis_name)
+    loss = sums["loss"] / jnp.maximum(sums["count"], 1.0)
     if adam_reset_every_steps > 0:
         reset = state.step % adam_reset_every_steps == 0
         state = state.replace(opt_state=reset_adam_state(state.opt_state, reset))
@@ -332,12 +362,13 @@ def train_step(
     return new_state, sums
 
 
-def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    """Masked metric sums of the model in inference mode (running BatchNorm statistics)."""
+def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) -> Metrics:
+    """Masked metric sums of the model in inference mode (running BatchNorm statistics);
+    with ``axis_name`` (per device, see `jit_data_parallel`) summed over its devices."""
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
-    return metric_sums(logits, batch["label"], batch["mask"])
+    return parallel.total(metric_sums(logits, batch["label"], batch["mask"]), axis_name)
 
 
 @functools.cache
@@ -377,24 +408,55 @@ def evaluate(
     return {"loss": float(total["loss"]) / count, "accuracy": float(total["correct"]) / count}
 
 
+def jit_data_parallel(
+    step: Callable,
+    sharding: jax.sharding.NamedSharding | None,
+    *,
+    donate_state: bool = False,
+) -> Callable:
+    """``step(state, batch, *rest)`` jitted. With a data mesh (``sharding``, from
+    `input_pipeline.data_mesh_sharding`) it runs per device: ``jax.shard_map`` splits the
+    batch (every array of ``batch`` along its first axis) over the mesh, replicates
+    ``state`` and ``rest``, and calls ``step(..., axis_name=<the mesh axis>)``, which must sum
+    its outputs over that axis (as `train_step` and `eval_step` do); the outputs are
+    replicated. ``donate_state``: ``state``'s buffers are reused for the outputs."""
+    donate = (0,) if donate_state else ()
+    if sharding is None:
+        return jax.jit(step, donate_argnums=donate)
+    mesh = sharding.mesh
+    (axis,) = mesh.axis_names
+    spec = jax.sharding.PartitionSpec
+
+    def per_device(state, batch, *rest):
+        # check_vma=False: the step sums over the axis itself (psum), and its psums of
+        # per-device losses transpose to psums (the gradient of the sum of the parts).
+        return jax.shard_map(
+            functools.partial(step, axis_name=axis),
+            mesh=mesh,
+            in_specs=(spec(), spec(axis)) + (spec(),) * len(rest),
+            out_specs=spec(),
+            check_vma=False,
+        )(state, batch, *rest)
+
+    return jax.jit(per_device, donate_argnums=donate, out_shardings=replicated(sharding))
+
+
 def jit_steps(
     config: ml_collections.ConfigDict,
     steps_per_epoch: int,
     sharding: jax.sharding.NamedSharding | None,
 ) -> tuple[Callable, Callable]:
-    """``train_step`` and ``eval_step`` jitted for ``config`` (state donated to training);
-    with a data mesh their outputs are replicated."""
+    """``train_step`` and ``eval_step`` jitted for ``config`` (state donated to training),
+    data-parallel over ``sharding``'s mesh if given (`jit_data_parallel`; the state's model
+    must then be built with that mesh's axis name)."""
     train_fn = functools.partial(
         train_step,
         augmentation=config.augmentation,
         adam_reset_every_steps=steps_per_epoch if config.reset_adam_every_epoch else 0,
     )
-    kwargs = {}
-    if sharding is not None:
-        kwargs["out_shardings"] = replicated(sharding)
     return (
-        jax.jit(train_fn, donate_argnums=(0,), **kwargs),
-        jax.jit(eval_step, **kwargs),
+        jit_data_parallel(train_fn, sharding, donate_state=True),
+        jit_data_parallel(eval_step, sharding),
     )
 
 
@@ -568,11 +630,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.distributed:
         jax.distributed.initialize()
     model = validate_config(config)
-    sharding = input_pipeline.data_mesh_sharding()
+    sharding = input_pipeline.data_mesh_sharding((config.batch_size, config.eval_batch_size))
     num_shards = 1 if sharding is None else sharding.mesh.size
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % num_shards:
-            raise ConfigError(f"{key}={config[key]} is not divisible by the {num_shards} devices.")
+    if sharding is not None:
+        model = create_model(config, axis_name=sharding.mesh.axis_names[0])
     workdir = os.path.abspath(workdir)
     checkpointing.check_and_save_config(config, workdir)
 
