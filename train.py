@@ -25,6 +25,12 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "none). The result does not depend on it beyond float summation order.",
     lower_bound=0,
 )
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    None,
+    "Where compiled steps are kept between runs (default ~/.cache/neural_epdo_jax/xla, "
+    "'' to keep none): a rerun with the same model and shapes loads them instead of compiling.",
+)
 
 
 def _unknown_key_exit(error: Exception) -> None:
@@ -61,6 +67,10 @@ def main(argv: list[str]) -> None:
     from neural_epdo_jax import checkpointing, datasets, evaluate, parallel, training
 
     parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts
+    cache = _CACHE.value
+    training.use_compilation_cache(
+        training.default_compilation_cache_dir() if cache is None else cache
+    )
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(config_file))[0]

@@ -6,12 +6,12 @@ The README's main command. It trains end to end on the 4,000 bundled rotated dig
   bash run.sh train        # = python train.py --config=configs/default.py --workdir=runs/default
 
 Expected: test accuracy about 0.93-0.95 (measured 2026-11-27 on this project's 2-core CPU
-machine: 0.9340 after the 8th epoch, the first at the lower learning rate; 20,466
-parameters; 8 epochs of 125 steps, about 46-54 training images/s on a busy host, compile
-about 30 s, a test evaluation after every epoch; about 11 min wall). Runs are deterministic
-on one machine, but round-off changes the result by about 2 points: earlier trees whose
-BatchNorm summed its statistics in another order (same math) gave 0.9530 (reproduced the
-same day) and 0.9380 with everything else equal. Older measurements with the 0.9530 tree:
+machine: 0.9530 after the 8th epoch, the first at the lower learning rate; 20,466
+parameters; 8 epochs of 125 steps, 58-65 training images/s with the host split into one
+device per core (data parallel), compile about 39 s, a test evaluation after every epoch;
+10.5 min wall). Runs are deterministic on one machine, but round-off changes the result by
+about 2 points: the same math summed in other orders (BatchNorm statistics, one device
+instead of two) gave 0.9340, 0.9380 and 0.9530. An earlier one-device tree (0.9530):
 `--config.num_epochs=10` reached 0.9550 (best 0.9560 at epoch 9) in 12 min 46 s; moving
 the drop earlier, `--config.lr_boundaries_epochs='(7,)'`, gave 0.9440 after 8 epochs.
 Rerunning the same command resumes from the latest checkpoint in runs/default.

@@ -188,6 +188,10 @@ def main(argv: list[str]) -> None:
     if not values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     parallel.use_cpu_cores(values.cpu_devices)  # before JAX starts
+    cache = values.compilation_cache_dir
+    training.use_compilation_cache(
+        training.default_compilation_cache_dir() if cache is None else cache
+    )
     try:
         run(
             values.workdir,
@@ -213,6 +217,9 @@ if __name__ == "__main__":
         0,
         "On CPU: JAX devices, one per core if 0 (`parallel.use_cpu_cores`).",
         lower_bound=0,
+    )
+    flags.DEFINE_string(
+        "compilation_cache_dir", None, "As train.py's (default ~/.cache/neural_epdo_jax/xla)."
     )
     flags.mark_flag_as_required("workdir")
     app.run(main)

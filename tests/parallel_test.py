@@ -75,6 +75,19 @@ try:
     run(sharding, None)
 except ValueError as e:
     print("refused:", str(e).splitlines()[0][:80])
+# No retracing: one trace of the data-parallel step over an epoch whose last batch is padded.
+import chex
+counted = chex.assert_max_traces(step, n=1)
+model = training.create_model(config, axis_name="data")
+state = training.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
+state = jax.device_put(state, training.replicated(sharding))
+train_fn = training.jit_data_parallel(counted, sharding, donate_state=True)
+images = rng.random((20, 28, 28, 1), dtype=np.float32)
+labels = rng.integers(0, 10, 20).astype(np.int32)
+epoch = list(input_pipeline.epoch_batches(images, labels, 8, shuffle=True, sharding=sharding))
+for b in epoch:
+    state, metrics = train_fn(state, b, jax.random.key(1))
+print("steps", len(epoch), float(metrics["count"]))
 # Control: the step run per device without the axis (statistics and draws per device).
 model = training.create_model(config)
 state = training.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
@@ -121,8 +134,12 @@ class ParallelTest(absltest.TestCase):
         env.update(
             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir
         )
+        tmp = self.enter_context(tempfile.TemporaryDirectory())
+        script = os.path.join(tmp, "two_devices.py")
+        with open(script, "w") as f:  # a file: chex.assert_max_traces reads its source
+            f.write(_TWO_DEVICES.format(repo=REPO))
         proc = subprocess.run(
-            [sys.executable, "-c", _TWO_DEVICES.format(repo=REPO)],
+            [sys.executable, script],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -141,6 +158,7 @@ class ParallelTest(absltest.TestCase):
         self.assertLess(float(values["loss"]), 1e-5, proc.stdout)
         self.assertLess(float(values["eval_loss"]), 1e-5, proc.stdout)
         self.assertEqual(values["count"], "6.0 6.0")
+        self.assertEqual(values["steps"], "3 4.0")  # traced once (else assert_max_traces raises)
         self.assertIn("refused: train_step(axis_name='data')", proc.stdout)
         # Control: per-device BatchNorm statistics change the loss by far more.
         self.assertGreater(float(values["control_loss"]), 1e-3, proc.stdout)

@@ -501,16 +501,25 @@ class EndToEndTest(parameterized.TestCase):
         self.assertEqual(epochs_logged, list(range(1, epochs + 1)))
 
     def test_two_devices_match_one_device(self):
-        workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "two_devices")
+        root = self.enter_context(tempfile.TemporaryDirectory())
+        workdir, cache = os.path.join(root, "two_devices"), os.path.join(root, "cache")
+        env = _subprocess_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        del env["JAX_COMPILATION_CACHE_DIR"]  # train.py's --compilation_cache_dir, tested here
         proc = subprocess.run(
-            _train_command(workdir, "--config.num_epochs=1", "--cpu_devices=2"),
+            _train_command(
+                workdir,
+                "--config.num_epochs=1",
+                "--cpu_devices=2",
+                f"--compilation_cache_dir={cache}",
+            ),
             cwd=REPO,
-            env=_subprocess_env(),
+            env=env,
             capture_output=True,
             text=True,
             timeout=300,
         )
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertNotEqual(os.listdir(cache), [])  # the compiled steps were kept
         self.assertIn("2 device(s)", proc.stdout + proc.stderr)
         self.assertIn("test accuracy:", proc.stdout)
         # Same data, augmentation and dropout draws; only float summation order differs.
@@ -526,6 +535,17 @@ class EndToEndTest(parameterized.TestCase):
         self.assertEqual(two_step, 3)
         chex.assert_trees_all_close(two_stats, self.one_epoch[1], rtol=1e-2, atol=2e-3)
         chex.assert_trees_all_close(two_params, self.one_epoch[0], atol=3 * 2 * 2e-3)
+
+    def test_use_compilation_cache(self):
+        current = jax.config.jax_compilation_cache_dir
+        self.assertEqual(training.use_compilation_cache("/elsewhere"), current)  # set: kept
+        try:
+            jax.config.update("jax_compilation_cache_dir", None)
+            self.assertIsNone(training.use_compilation_cache(""))
+            self.assertIsNone(jax.config.jax_compilation_cache_dir)
+            self.assertEqual(training.use_compilation_cache("~/x"), os.path.expanduser("~/x"))
+        finally:
+            jax.config.update("jax_compilation_cache_dir", current)
 
     def test_bfloat16_activations_stay_close_to_float32(self):
         config = _tiny_run_config()
