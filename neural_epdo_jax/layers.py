@@ -470,7 +470,8 @@ class FieldBatchNorm(nn.Module):
     step's temporary buffer 948 -> 707 MiB at batch 64, against normalising ``x - mean``).
 
     ``axis_name``: when the batch is split over the devices of this axis (data parallelism,
-    `parallel`), the statistics are summed over it: those of the whole batch.
+    `parallel`), the per-example moments of all devices are gathered (one collective) and
+    merged as on one device: the statistics of the whole batch.
     """
 
     ftype: fields.FieldType
@@ -499,14 +500,16 @@ class FieldBatchNorm(nn.Module):
             mean_e, m2_e, per_ex = _field_moments(xf)
             n = xf.shape[0]
             wts = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-
-            def batch_sum(v: jax.Array) -> jax.Array:
-                return parallel.total(jnp.sum(v, axis=0), self.axis_name)
-
-            count = jnp.maximum(batch_sum(wts) * per_ex, 1.0)
-            mean = batch_sum(wts[:, None] * mean_e) * per_ex / count
+            if self.axis_name is not None:
+                # The whole batch's per-example moments, in one collective: the statistics
+                # are then summed exactly as on one device.
+                packed = jnp.concatenate([wts[:, None], mean_e, m2_e], axis=1)  # [n, 1 + 2F]
+                packed = jax.lax.all_gather(packed, self.axis_name, axis=0, tiled=True)
+                wts, mean_e, m2_e = packed[:, 0], packed[:, 1 : 1 + f], packed[:, 1 + f :]
+            count = jnp.maximum(jnp.sum(wts) * per_ex, 1.0)
+            mean = jnp.sum(wts[:, None] * mean_e, axis=0) * per_ex / count
             spread = m2_e + per_ex * jnp.square(mean_e - mean)
-            var = batch_sum(wts[:, None] * spread) / count
+            var = jnp.sum(wts[:, None] * spread, axis=0) / count
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean

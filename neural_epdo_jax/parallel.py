@@ -3,7 +3,8 @@ step's.
 
 The steps of `training` are written per device (SPMD): given ``axis_name``, they run inside
 ``jax.shard_map`` over that axis, each device on its rows of the batch, and sum losses,
-gradients and metrics over the axis; BatchNorm sums its statistics over it. Random draws
+gradients and metrics over the axis; BatchNorm gathers the per-example moments of the
+whole batch (`layers.FieldBatchNorm`). Random draws
 (augmentation angles, dropout masks) are made for the whole batch and sliced
 (:func:`batch_rows`), so a step on D devices equals the one-device step up to the order of
 float summation.

@@ -11,11 +11,11 @@ lost) and rerun ends, on CPU, with bitwise the same parameters as an uninterrupt
 
 Multi-device (data parallelism, `parallel`): with several local devices the batch is split
 over a 'data' mesh axis, the state replicated, and the steps run per device
-(``jax.shard_map``, `jit_data_parallel`); BatchNorm statistics, the loss, the gradients and
-the metrics are summed over the devices and the random draws made for the whole batch, so a
-step equals the one-device step up to float summation order. train.py splits a CPU host
-into one device per core (`parallel.use_cpu_cores`): XLA runs each device's program mostly
-on one core.
+(``jax.shard_map``, `jit_data_parallel`); BatchNorm statistics are those of the whole
+batch, the loss, the gradients and the metrics are summed over the devices and the random
+draws made for the whole batch, so a step equals the one-device step up to float summation
+order. train.py splits a CPU host into one device per core (`parallel.use_cpu_cores`): XLA
+runs each device's program mostly on one core.
 Multi-host: ``config.distributed = True`` calls ``jax.distributed.initialize()`` first
 (cluster auto-detection; see its docs for explicit coordinator arguments).
 
