@@ -67,10 +67,7 @@ def main(argv: list[str]) -> None:
     from neural_epdo_jax import checkpointing, datasets, evaluate, parallel, training
 
     parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts
-    cache = _CACHE.value
-    training.use_compilation_cache(
-        training.default_compilation_cache_dir() if cache is None else cache
-    )
+    training.use_compilation_cache(_CACHE.value)
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(config_file))[0]

@@ -188,10 +188,7 @@ def main(argv: list[str]) -> None:
     if not values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     parallel.use_cpu_cores(values.cpu_devices)  # before JAX starts
-    cache = values.compilation_cache_dir
-    training.use_compilation_cache(
-        training.default_compilation_cache_dir() if cache is None else cache
-    )
+    training.use_compilation_cache(values.compilation_cache_dir)
     try:
         run(
             values.workdir,

@@ -992,20 +992,11 @@ class ChannelDropout(nn.Module):
             return x
         b, c = x.shape[0], x.shape[-1]
         key = self.make_rng("dropout")
-        if self.per_field:
-            f = self.ftype.num_fields
-            keep = parallel.batch_rows(
-                lambda n: jax.random.bernoulli(key, 1.0 - self.rate, (n, 1, 1, f, 1)),
-                b,
-                self.axis_name,
-            )
-            keep = jnp.broadcast_to(keep, (b, 1, 1, f, c // f)).reshape(b, 1, 1, c)
-        else:
-            keep = parallel.batch_rows(
-                lambda n: jax.random.bernoulli(key, 1.0 - self.rate, (n, 1, 1, c)),
-                b,
-                self.axis_name,
-            )
+        f = self.ftype.num_fields if self.per_field else c
+        keep = parallel.batch_rows(
+            lambda n: jax.random.bernoulli(key, 1.0 - self.rate, (n, 1, 1, f, 1)), b, self.axis_name
+        )  # [b, 1, 1, f, 1]: one draw per channel, or per field
+        keep = jnp.broadcast_to(keep, (b, 1, 1, f, c // f)).reshape(b, 1, 1, c)
         return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 

@@ -377,7 +377,7 @@ def default_compilation_cache_dir() -> str:
     return os.path.join(root, "neural_epdo_jax", "xla")
 
 
-def use_compilation_cache(path: str | None) -> str | None:
+def use_compilation_cache(path: str | None = None) -> str | None:
     """Keeps compiled steps on disk (JAX's persistent compilation cache), so that a rerun of
     the same model and shapes -- resuming, evaluating, the next run of a sweep -- loads its
     steps instead of compiling them again (measured in the README). Compilations under a
@@ -385,12 +385,14 @@ def use_compilation_cache(path: str | None) -> str | None:
     the ``filelock`` package); deleting the directory at any time is safe.
 
     Args:
-      path: the cache directory; '' or None: leave JAX's setting alone. A directory set
-        already (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) wins.
+      path: the cache directory; None: `default_compilation_cache_dir`; '': keep none. A
+        directory set already (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) wins.
     Returns:
       The directory in use, or None.
     """
     current = jax.config.jax_compilation_cache_dir
+    if path is None:
+        path = default_compilation_cache_dir()
     if current or not path:
         return current or None
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))

@@ -543,6 +543,9 @@ class EndToEndTest(parameterized.TestCase):
             jax.config.update("jax_compilation_cache_dir", None)
             self.assertIsNone(training.use_compilation_cache(""))
             self.assertIsNone(jax.config.jax_compilation_cache_dir)
+            default = training.default_compilation_cache_dir()
+            self.assertEqual(training.use_compilation_cache(None), default)
+            jax.config.update("jax_compilation_cache_dir", None)
             self.assertEqual(training.use_compilation_cache("~/x"), os.path.expanduser("~/x"))
         finally:
             jax.config.update("jax_compilation_cache_dir", current)
