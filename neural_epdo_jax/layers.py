@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import bases, fields, groups, parallel
+from neural_epdo_jax import bases, fields, groups, kernels, parallel
 
 Dtype = Any
 
@@ -647,17 +647,30 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
 
     The backward pass is written by hand: each of its passes is one fused loop over the taps
     (differentiating the unrolled slices makes XLA build a padded full-size array per tap).
+    On CPU, float32, both passes call the fused C++ kernels of `kernels` when they are
+    available (same formulas; the XLA formulation below otherwise).
     """
+    if kernels.use_for(x, w, kernel_size):
+        return kernels.normalised_apply_fwd(x, w, kernel_size)[0]
     return _normalised_apply_fwd_impl(x, w, kernel_size)[0]
 
 
 def _na_fwd(x, w, k):
+    if kernels.use_for(x, w, k):
+        out, scale = kernels.normalised_apply_fwd(x, w, k)
+        return out, (x, w, scale, out)
     out, scale = _normalised_apply_fwd_impl(x, w, k)
-    return out, (x, w, scale)
+    return out, (x, w, scale, None)
 
 
 def _na_bwd(k, res, g):
-    x, w, scale = res
+    x, w, scale, out = res
+    if out is not None:  # the forward pass ran the kernel
+        return kernels.normalised_apply_bwd(x, w, scale, out, g.astype(out.dtype), k)
+    return _na_bwd_xla(k, x, w, scale, g)
+
+
+def _na_bwd_xla(k, x, w, scale, g):
     h, wd, c = x.shape[-2], x.shape[-1], k // 2
     q = x.shape[1]
     gs = g * scale[None, None].astype(g.dtype)

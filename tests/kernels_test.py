@@ -1,0 +1,118 @@
+"""The fused CPU kernels of `neural_epdo_jax.kernels` against the XLA formulation.
+
+The whole network with the kernels (the default on CPU) is compared with the straightforward
+formulation in perf_equivalence_test.py, and its equivariance is tested in models_test.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neural_epdo_jax import kernels, layers
+
+KEY = jax.random.PRNGKey(0)
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(warn=False) or jax.default_backend() != "cpu",
+    reason=f"CPU kernels unavailable: {kernels._load()}",
+)
+
+
+def _operands(shape, k, seed=0):
+    """x [d, Q, g, ..., H, W], raw taps w [d, k*k, g, ..., H, W] and an output cotangent."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(keys[0], shape)
+    w = jax.random.normal(keys[1], (shape[0], k * k) + shape[2:])
+    return x, w, jax.random.normal(keys[2], shape)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+# Q = 1, 2, 5 (the kernels take 4 planes at a time), widths below and above a vector (8
+# floats), several middle axes, and every kernel size the kernels support.
+SHAPES = [
+    ((3, 1, 2, 2, 6, 7), 3),
+    ((4, 5, 1, 2, 3, 9, 14), 5),
+    ((2, 2, 3, 1, 10, 17), 7),
+]
+
+
+@pytest.mark.parametrize("shape, k", SHAPES)
+def test_kernels_match_xla_formulation(shape, k):
+    x, w, g = _operands(shape, k)
+    out, scale = jax.jit(kernels.normalised_apply_fwd, static_argnums=2)(x, w, k)
+    want_out, want_scale = jax.jit(layers._normalised_apply_fwd_impl, static_argnums=2)(x, w, k)
+    assert out.shape == x.shape and scale.shape == w.shape[2:]
+    assert _rel(want_out, out) < 1e-5
+    assert _rel(want_scale, scale) < 1e-6
+    gx, gw = jax.jit(kernels.normalised_apply_bwd, static_argnums=5)(x, w, scale, out, g, k)
+    want_gx, want_gw = jax.jit(layers._na_bwd_xla, static_argnums=0)(k, x, w, want_scale, g)
+    assert _rel(want_gx, gx) < 1e-5
+    assert _rel(want_gw, gw) < 1e-5
+    # Negative control: the same comparison catches taps applied mirrored (w[t] at -off_t).
+    bad, _ = kernels.normalised_apply_fwd(x, w[:, ::-1], k)
+    assert _rel(want_out, bad) > 1e-2
+
+
+def test_normalised_apply_takes_the_kernel_and_matches_autodiff():
+    """`layers.normalised_apply` calls the kernels on CPU (float32), and its gradient is the
+    autodiff gradient of the straightforward formula."""
+    k = 3
+    x, w, g = _operands((3, 2, 2, 2, 6, 7), k, seed=3)
+    fn = functools.partial(layers.normalised_apply, kernel_size=k)
+    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) * g), (0, 1))).lower(x, w).as_text()
+    assert kernels._FWD in hlo and kernels._BWD in hlo
+    with kernels.disabled():
+        hlo = jax.jit(lambda x, w: fn(x, w)).lower(x, w).as_text()
+    assert kernels._FWD not in hlo  # the switch works, so the XLA tests test the XLA path
+
+    def reference(x, w):
+        wn = w / 5.0 / (jnp.sum(jnp.abs(w / 5.0), axis=(0, 1)) + 0.01)
+        xp = jnp.pad(x, ((0, 0),) * 4 + ((1, 1), (1, 1)))
+        return sum(
+            wn[:, t][:, None] * xp[..., t // 3 : t // 3 + 6, t % 3 : t % 3 + 7] for t in range(9)
+        )
+
+    def value_and_vjp(f):
+        return jax.jit(lambda x, w, g: (lambda y, vjp: (y, *vjp(g)))(*jax.vjp(f, x, w)))
+
+    for a, b in zip(value_and_vjp(fn)(x, w, g), value_and_vjp(reference)(x, w, g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # vmap (a batch of independent calls) goes through the kernels one call at a time.
+    xs, ws = jnp.stack([x, 2 * x]), jnp.stack([w, -w])
+    np.testing.assert_allclose(
+        jax.vmap(fn)(xs, ws), jnp.stack([fn(x, w), fn(2 * x, -w)]), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_other_dtypes_and_sizes_use_the_xla_formulation():
+    x, w, _ = _operands((2, 1, 2, 1, 5, 5), 3)
+    assert kernels.use_for(x, w, 3)
+    assert not kernels.use_for(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 3)
+    assert not kernels.use_for(x, jnp.zeros(w.shape[:1] + (81,) + w.shape[2:]), 9)
+    fn = jax.jit(functools.partial(layers.normalised_apply, kernel_size=3))
+    y = fn(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_unavailable_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    """No compiler: a warning names the reason, and the layer still runs (XLA formulation)."""
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernels._load.cache_clear()
+    kernels._warn_once.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+            assert not kernels.available()
+        x, w, _ = _operands((2, 1, 2, 1, 5, 5), 3)
+        assert not kernels.use_for(x, w, 3)
+        hlo = jax.jit(lambda x, w: layers.normalised_apply(x, w, 3)).lower(x, w).as_text()
+        assert kernels._FWD not in hlo
+    finally:
+        monkeypatch.undo()
+        kernels._load.cache_clear()
+        assert kernels.available()
