@@ -18,6 +18,9 @@ shows how far the step is from the machine's dense-matmul speed. Peak RSS is VmH
 training (train) and after evaluation (+eval); after each compilation the benchmark, like
 train.py, returns the compiler's freed heap to the OS (`training.release_free_memory`).
 Timings on a shared machine are noisy: the load average is printed with the table.
+On CPU the Neural ePDO layers use the fused C++ kernel of `neural_epdo_jax.kernels`;
+``NEURAL_EPDO_JAX_CPU_KERNELS=0 python benchmarks/bench_model.py`` measures the XLA
+formulation instead.
 """
 
 from __future__ import annotations
