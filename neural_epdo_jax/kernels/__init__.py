@@ -14,6 +14,9 @@ jaxlib version and CPU, into ``~/.cache/neural_epdo_jax/kernels`` (``NEURAL_EPDO
 moves it); a build takes a few seconds. ``NEURAL_EPDO_JAX_CPU_KERNELS=0`` turns the kernels off
 (the XLA formulation everywhere). If the build fails, a warning says why and the XLA
 formulation is used.
+
+Serialising a traced model with ``jax.export`` refuses custom calls: trace it inside
+`disabled()`, or use `export.save`, whose frozen network does not use this op's kernel.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import jaxlib.version
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "normalised_apply.cc")
@@ -67,7 +71,8 @@ def _cpu_id() -> str:
 def _library_path(compiler: str) -> str:
     with open(_SOURCE, "rb") as f:
         key = hashlib.sha256(f.read())
-    for part in (jax.__version__, compiler, " ".join(_FLAGS), _cpu_id(), platform.machine()):
+    versions = (jax.__version__, jaxlib.version.__version__)  # the FFI headers are jaxlib's
+    for part in (*versions, compiler, " ".join(_FLAGS), _cpu_id(), platform.machine()):
         key.update(part.encode())
     return os.path.join(cache_dir(), f"normalised_apply-{key.hexdigest()[:16]}.so")
 
