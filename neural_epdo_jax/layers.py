@@ -650,9 +650,7 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
     On CPU, float32, both passes call the fused C++ kernels of `kernels` when they are
     available (same formulas; the XLA formulation below otherwise).
     """
-    if kernels.use_for(x, w, kernel_size):
-        return kernels.normalised_apply_fwd(x, w, kernel_size)[0]
-    return _normalised_apply_fwd_impl(x, w, kernel_size)[0]
+    return _na_fwd(x, w, kernel_size)[0]
 
 
 def _na_fwd(x, w, k):

@@ -1,7 +1,7 @@
 // CPU kernels (XLA FFI) for neural_epdo_jax.layers.normalised_apply: steps 3-4 of the Neural
 // ePDO layer, out = scale * sum_t w_t x(. + off_t) with scale = 0.2 / (0.2 sum |w| + 0.01),
 // and its backward pass. The formulas are those of layers._normalised_apply_fwd_impl and
-// layers._na_bwd; tests/kernels_test.py checks both against the XLA path.
+// layers._na_bwd_xla; tests/kernels_test.py checks both against that XLA path.
 //
 // Arrays are channel-major planes: x, out, gout [d, Q, G, M, H, W]; w, gw [d, T, G, M, H, W]
 // with T = K * K taps (tap t is the offset (t / K - K / 2, t % K - K / 2)); scale [G, M, H, W].
@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -72,13 +71,13 @@ struct Frame {
   }
 };
 
-// NQ planes at once: dst[a](i, j) = mul(i, j) * sum_t A_t(i, j) B_a(i + oi_t, j + oj_t), where
-// A (stride a_plane per tap) and B_a (stride b_plane per plane) are frames read at a per-tap
-// offset (a_off[t], b_off[t]) from (i * cols, j); mul is a [h, wv] plane or null.
+// NQ planes at once: dst[a](i, j) = sum_t A_t(i, j) B_a(i + oi_t, j + oj_t), where A (stride
+// a_plane per tap) and B_a (stride b_plane per plane) are frames read at a per-tap offset
+// (a_off[t], b_off[t]) from (i * cols, j).
 template <int NQ, int T>
 void taps_rows(const Shape& s, const float* a, int64_t a_cols, int64_t a_plane, const int64_t* a_off,
                const float* b, int64_t b_cols, int64_t b_plane, const int64_t* b_off,
-               const float* mul, float* const* dst) {
+               float* const* dst) {
   for (int64_t i = 0; i < s.h; ++i)
     for (int64_t j = 0; j < s.wv; j += kV) {
       v8 acc[NQ];
@@ -91,10 +90,6 @@ void taps_rows(const Shape& s, const float* a, int64_t a_cols, int64_t a_plane, 
         for (int q = 0; q < NQ; ++q) acc[q] += av * ld(br + q * b_plane + b_off[t]);
       }
       const int64_t n = std::min(kV, s.w - j);
-      if (mul) {
-        const v8 mv = ld(mul + i * s.wv + j);
-        for (int q = 0; q < NQ; ++q) acc[q] *= mv;
-      }
       for (int q = 0; q < NQ; ++q) store_n(dst[q] + i * s.w + j, acc[q], n);
     }
 }
@@ -102,15 +97,15 @@ void taps_rows(const Shape& s, const float* a, int64_t a_cols, int64_t a_plane, 
 template <int T>
 void taps_planes(const Shape& s, int64_t nq, const float* a, int64_t a_cols, int64_t a_plane,
                  const int64_t* a_off, const float* b, int64_t b_cols, int64_t b_plane,
-                 const int64_t* b_off, const float* mul, float* const* dst) {
+                 const int64_t* b_off, float* const* dst) {
   for (int64_t q0 = 0; q0 < nq; q0 += 4) {
     const float* bq = b + q0 * b_plane;
     float* const* dq = dst + q0;
     switch (std::min<int64_t>(4, nq - q0)) {
-      case 4: taps_rows<4, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, mul, dq); break;
-      case 3: taps_rows<3, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, mul, dq); break;
-      case 2: taps_rows<2, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, mul, dq); break;
-      default: taps_rows<1, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, mul, dq);
+      case 4: taps_rows<4, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq); break;
+      case 3: taps_rows<3, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq); break;
+      case 2: taps_rows<2, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq); break;
+      default: taps_rows<1, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq);
     }
   }
 }
@@ -153,7 +148,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           dst[qi] = od + s.plane(c, s.q, qi, gi, mi);
         }
         taps_planes<T>(s, s.q, taps.data(), s.wv, s.h * s.wv, a_off, xs.data(), xf.cols, xf.size,
-                       b_off, nullptr, dst.data());
+                       b_off, dst.data());
       }
       for (int64_t p = 0; p < s.hw; ++p) sp[p] = 0.2f / (0.2f * sp[p] + 0.01f);
       for (int64_t c = 0; c < s.d; ++c)
@@ -216,7 +211,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
         }
         // gx_q = sum_t w_t(p - off_t) gs_q(p - off_t)
         taps_planes<T>(s, s.q, taps.data(), wf.cols, wf.size, back, gs.data(), wf.cols, wf.size,
-                       back, nullptr, dst.data());
+                       back, dst.data());
         // gw_t = sum_q gs_q(p) x_q(p + off_t) + sign(w_t(p)) dl1(p), a few taps per pass over
         // q (gs_q shared, x_q read at each tap's offset).
         for (int64_t t = 0; t < T; ++t) dst[t] = gwd + s.plane(c, T, t, gi, mi);
