@@ -89,4 +89,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from neural_epdo_jax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # faster CPU steps; before anything else starts
     app.run(main, flags_parser=_parse_flags)

@@ -277,4 +277,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from neural_epdo_jax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # as train.py; the variants' subprocesses inherit it
     app.run(main)

@@ -203,6 +203,10 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
+    from neural_epdo_jax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # as train.py
+
     flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
     flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which checkpoint to load.")
     flags.DEFINE_float("angle_step_degrees", 7.5, "Spacing of the rotation sweep.")
