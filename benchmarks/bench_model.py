@@ -17,7 +17,8 @@ the rate of one large float32 matmul measured in the same subprocess afterwards:
 shows how far the step is from the machine's dense-matmul speed. Peak RSS is VmHWM after
 training (train) and after evaluation (+eval); after each compilation the benchmark, like
 train.py, returns the compiler's freed heap to the OS (`training.release_free_memory`).
-Timings on a shared machine are noisy: the load average is printed with the table.
+Timings on a shared machine are noisy: the load average is printed with the table. The
+persistent compilation cache is off in the subprocesses, so compile times and peaks are cold.
 On CPU the Neural ePDO layers use the fused C++ kernel of `neural_epdo_jax.kernels`;
 ``NEURAL_EPDO_JAX_CPU_KERNELS=0 python benchmarks/bench_model.py`` measures the XLA
 formulation instead.
@@ -106,6 +107,9 @@ def run_child(name: str) -> dict:
     from neural_epdo_jax import input_pipeline, models, parallel, training
 
     parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts, as train.py does
+    # Cold compiles: a persistent cache (run.sh sets one) would hand back steps compiled by
+    # an earlier run, and the compiler's memory peak with them.
+    jax.config.update("jax_enable_compilation_cache", False)
     res = {"variant": name, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
     res["import_s"] = time.perf_counter() - t_import
     batches = (_BATCH.value,) + ((_EVAL_BATCH.value,) if _EVAL_BATCH.value > 0 else ())

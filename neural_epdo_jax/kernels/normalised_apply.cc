@@ -6,7 +6,9 @@
 // Arrays are channel-major planes: x, out, gout [d, Q, G, M, H, W]; w, gw [d, T, G, M, H, W]
 // with T = K * K taps (tap t is the offset (t / K - K / 2, t % K - K / 2)); scale [G, M, H, W].
 // Each (g, m) plane group is copied into zero-padded scratch planes whose rows are whole
-// vectors, so the inner loops are branch-free vector multiply-adds over a row.
+// vectors, and the taps into a scratch that holds the T tap vectors of a position next to
+// each other, so the inner loops are branch-free vector multiply-adds whose loads sit at
+// compile-time offsets (1.2-1.7x faster than loads at per-tap offsets read from a table).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,6 +35,22 @@ inline void store_n(float* dst, v8 v, int64_t n) {
   } else {
     for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
   }
+}
+
+// dst[p] += a[p] * b[p].
+inline void add_product(float* __restrict dst, const float* __restrict a,
+                        const float* __restrict b, int64_t n) {
+  for (int64_t p = 0; p < n; ++p) dst[p] += a[p] * b[p];
+}
+
+// gw[p] += sign(w[p]) d[p] (the L1 norm's term of the taps' gradient).
+inline void add_sign_term(float* gw, const float* w, const float* d, int64_t n) {
+  int64_t p = 0;
+  for (; p + kV <= n; p += kV) {
+    const v8 wv = ld(w + p), dv = ld(d + p);
+    st(gw + p, ld(gw + p) + ((wv > 0.f ? dv : zero()) - (wv < 0.f ? dv : zero())));
+  }
+  for (; p < n; ++p) gw[p] += static_cast<float>((w[p] > 0.f) - (w[p] < 0.f)) * d[p];
 }
 
 struct Shape {
@@ -71,43 +89,32 @@ struct Frame {
   }
 };
 
-// NQ planes at once: dst[a](i, j) = sum_t A_t(i, j) B_a(i + oi_t, j + oj_t), where A (stride
-// a_plane per tap) and B_a (stride b_plane per plane) are frames read at a per-tap offset
-// (a_off[t], b_off[t]) from (i * cols, j).
-template <int NQ, int T>
-void taps_rows(const Shape& s, const float* a, int64_t a_cols, int64_t a_plane, const int64_t* a_off,
-               const float* b, int64_t b_cols, int64_t b_plane, const int64_t* b_off,
-               float* const* dst) {
+// NQ output planes of the forward pass at once: dst[q](i, j) = sum_t tv_t(i, j) b_q(i + t / K,
+// j + t % K). tv holds the taps interleaved, the T vectors of a position next to each other
+// ([h, wv / kV, T, kV]); b_q are frames padded by K / 2 (stride b_plane). Every load is at a
+// constant offset from a pointer set once per position and tap row.
+template <int K, int NQ>
+void forward_rows(const Shape& s, const float* tv, const float* b, int64_t b_cols,
+                  int64_t b_plane, float* const* dst) {
+  constexpr int T = K * K;
+  const int64_t nv = s.wv / kV;
   for (int64_t i = 0; i < s.h; ++i)
-    for (int64_t j = 0; j < s.wv; j += kV) {
+    for (int64_t jv = 0; jv < nv; ++jv) {
       v8 acc[NQ];
       for (int q = 0; q < NQ; ++q) acc[q] = zero();
-      const float* ar = a + i * a_cols + j;
-      const float* br = b + i * b_cols + j;
-#pragma GCC unroll 49
-      for (int t = 0; t < T; ++t) {
-        const v8 av = ld(ar + t * a_plane + a_off[t]);
-        for (int q = 0; q < NQ; ++q) acc[q] += av * ld(br + q * b_plane + b_off[t]);
+      const float* ap = tv + (i * nv + jv) * T * kV;
+#pragma GCC unroll 7
+      for (int di = 0; di < K; ++di) {
+        const float* br = b + (i + di) * b_cols + jv * kV;
+#pragma GCC unroll 7
+        for (int dj = 0; dj < K; ++dj) {
+          const v8 av = ld(ap + (di * K + dj) * kV);
+          for (int q = 0; q < NQ; ++q) acc[q] += av * ld(br + q * b_plane + dj);
+        }
       }
-      const int64_t n = std::min(kV, s.w - j);
+      const int64_t j = jv * kV, n = std::min(kV, s.w - j);
       for (int q = 0; q < NQ; ++q) store_n(dst[q] + i * s.w + j, acc[q], n);
     }
-}
-
-template <int T>
-void taps_planes(const Shape& s, int64_t nq, const float* a, int64_t a_cols, int64_t a_plane,
-                 const int64_t* a_off, const float* b, int64_t b_cols, int64_t b_plane,
-                 const int64_t* b_off, float* const* dst) {
-  for (int64_t q0 = 0; q0 < nq; q0 += 4) {
-    const float* bq = b + q0 * b_plane;
-    float* const* dq = dst + q0;
-    switch (std::min<int64_t>(4, nq - q0)) {
-      case 4: taps_rows<4, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq); break;
-      case 3: taps_rows<3, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq); break;
-      case 2: taps_rows<2, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq); break;
-      default: taps_rows<1, T>(s, a, a_cols, a_plane, a_off, bq, b_cols, b_plane, b_off, dq);
-    }
-  }
 }
 
 template <int K>
@@ -120,26 +127,32 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   float* od = out->typed_data();
   float* sd = scale->typed_data();
   const Frame xf(s, R);  // inputs padded by R: tap t reads (i + t / K, j + t % K)
-  std::vector<float> taps(T * s.h * s.wv, 0.f), xs(s.q * xf.size, 0.f);  // zeros past w
+  const int64_t nv = s.wv / kV, full = s.w / kV;
+  // Taps interleaved [h, nv, T, kV]; lanes past w stay zero.
+  std::vector<float> tv(s.h * nv * T * kV, 0.f), xs(s.q * xf.size, 0.f);
+  std::vector<float> l1(s.h * s.wv, 0.f);
   std::vector<float*> dst(s.q);
-  int64_t a_off[T], b_off[T];
-  for (int t = 0; t < T; ++t) a_off[t] = 0, b_off[t] = (t / K) * xf.cols + t % K;
   for (int64_t gi = 0; gi < s.g; ++gi)
     for (int64_t mi = 0; mi < s.m; ++mi) {
-      // One read of the taps: copied into the scratch planes while their L1 norm accumulates;
-      // the raw outputs are scaled once the norm is complete.
-      float* sp = sd + (gi * s.m + mi) * s.hw;
-      std::fill(sp, sp + s.hw, 0.f);
+      // One read of the taps: interleaved into scratch while their L1 norm accumulates; the
+      // raw outputs are scaled once the norm is complete.
+      std::fill(l1.begin(), l1.end(), 0.f);
       for (int64_t c = 0; c < s.d; ++c) {
         for (int64_t t = 0; t < T; ++t) {
           const float* pl = wd + s.plane(c, T, t, gi, mi);
           for (int64_t i = 0; i < s.h; ++i) {
             const float* in = pl + i * s.w;
-            float* row = &taps[(t * s.h + i) * s.wv];
-            float* l1 = sp + i * s.w;
-            for (int64_t j = 0; j < s.w; ++j) {
-              row[j] = in[j];
-              l1[j] += std::fabs(in[j]);
+            float* row = &tv[(i * nv * T + t) * kV];
+            float* acc = &l1[i * s.wv];
+            int64_t j = 0;
+            for (int64_t jv = 0; jv < full; ++jv, j += kV) {
+              const v8 v = ld(in + j);
+              st(row + jv * T * kV, v);
+              st(acc + j, ld(acc + j) + (v > 0.f ? v : -v));
+            }
+            for (; j < s.w; ++j) {
+              row[(j / kV) * T * kV + j % kV] = in[j];
+              acc[j] += std::fabs(in[j]);
             }
           }
         }
@@ -147,10 +160,20 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           xf.fill(s, xd + s.plane(c, s.q, qi, gi, mi), &xs[qi * xf.size]);
           dst[qi] = od + s.plane(c, s.q, qi, gi, mi);
         }
-        taps_planes<T>(s, s.q, taps.data(), s.wv, s.h * s.wv, a_off, xs.data(), xf.cols, xf.size,
-                       b_off, dst.data());
+        for (int64_t q0 = 0; q0 < s.q; q0 += 4) {
+          const float* bq = xs.data() + q0 * xf.size;
+          float* const* dq = dst.data() + q0;
+          switch (std::min<int64_t>(4, s.q - q0)) {
+            case 4: forward_rows<K, 4>(s, tv.data(), bq, xf.cols, xf.size, dq); break;
+            case 3: forward_rows<K, 3>(s, tv.data(), bq, xf.cols, xf.size, dq); break;
+            case 2: forward_rows<K, 2>(s, tv.data(), bq, xf.cols, xf.size, dq); break;
+            default: forward_rows<K, 1>(s, tv.data(), bq, xf.cols, xf.size, dq);
+          }
+        }
       }
-      for (int64_t p = 0; p < s.hw; ++p) sp[p] = 0.2f / (0.2f * sp[p] + 0.01f);
+      float* sp = sd + (gi * s.m + mi) * s.hw;
+      for (int64_t i = 0; i < s.h; ++i)
+        for (int64_t j = 0; j < s.w; ++j) sp[i * s.w + j] = 0.2f / (0.2f * l1[i * s.wv + j] + 0.01f);
       for (int64_t c = 0; c < s.d; ++c)
         for (int64_t qi = 0; qi < s.q; ++qi) {
           float* o = od + s.plane(c, s.q, qi, gi, mi);
@@ -164,6 +187,13 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // = sum_{c,q} g out / scale and d scale / d l1 = -scale^2, so the L1 term of the taps'
 // gradient, dl1 = -scale * sum_{c,q} g out, is known before the taps are visited: every
 // array is then read or written once.
+//
+// With gs = gout * scale and off_t = (t / K - R, t % K - R):
+//   gx_q(p) = sum_t w_t(p - off_t) gs_q(p - off_t): the forward's sum (`forward_rows`) over
+//     the shifted taps wbar_u(p) = w_t(p - off_t), u = T - 1 - t, and gs_q read at
+//     (i + u / K, j + u % K) of a frame padded by R;
+//   gw_t(p) = sum_q gs_q(p) x_q(p + off_t) + sign(w_t(p)) dl1(p), one tap row (K taps) per
+//     pass over q.
 template <int K>
 ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> gout,
@@ -177,64 +207,68 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
   const float* gd = gout.typed_data();
   float* gxd = gx->typed_data();
   float* gwd = gw->typed_data();
-  // x reaches out[p - off_t] through w_t[p - off_t]: taps and gs = gout * scale padded by 2R,
-  // read at (i + 3R - t / K, j + 3R - t % K); x padded by R, read at (i + t / K, j + t % K).
-  const Frame wf(s, 2 * R), xf(s, R);
-  std::vector<float> taps(T * wf.size, 0.f), gs(s.q * wf.size, 0.f), xs(s.q * xf.size, 0.f);
-  std::vector<float> dl1(s.h * s.wv, 0.f);  // rows of whole vectors
+  const Frame f(s, R);
+  const int64_t nv = s.wv / kV;
+  std::vector<float> wbar(s.h * nv * T * kV, 0.f), gs(s.q * f.size, 0.f), xs(s.q * f.size, 0.f);
+  std::vector<float> dl1(s.hw);
+  std::vector<float> wframe(f.size, 0.f);
   std::vector<float*> dst(std::max<int64_t>(s.q, T));
-  int64_t back[T], fwd[T];
-  for (int t = 0; t < T; ++t) {
-    back[t] = (3 * R - t / K) * wf.cols + 3 * R - t % K;
-    fwd[t] = (t / K) * xf.cols + t % K;
-  }
-  const int64_t centre = 2 * R * wf.cols + 2 * R;  // (0, 0) of a plane in its wf frame
+  const int64_t centre = R * f.cols + R;  // (0, 0) of a plane in its frame
   for (int64_t gi = 0; gi < s.g; ++gi)
     for (int64_t mi = 0; mi < s.m; ++mi) {
       const float* sp = sd + (gi * s.m + mi) * s.hw;
-      for (int64_t i = 0; i < s.h; ++i) {
-        float* row = &dl1[i * s.wv];
-        std::fill(row, row + s.w, 0.f);
-        for (int64_t c = 0; c < s.d; ++c)
-          for (int64_t qi = 0; qi < s.q; ++qi) {
-            const int64_t at = s.plane(c, s.q, qi, gi, mi) + i * s.w;
-            for (int64_t j = 0; j < s.w; ++j) row[j] += gd[at + j] * od[at + j];
-          }
-        for (int64_t j = 0; j < s.w; ++j) row[j] *= -sp[i * s.w + j];
-      }
-      for (int64_t c = 0; c < s.d; ++c) {
-        for (int64_t t = 0; t < T; ++t) wf.fill(s, wd + s.plane(c, T, t, gi, mi), &taps[t * wf.size]);
+      std::fill(dl1.begin(), dl1.end(), 0.f);
+      for (int64_t c = 0; c < s.d; ++c)
         for (int64_t qi = 0; qi < s.q; ++qi) {
-          wf.fill(s, gd + s.plane(c, s.q, qi, gi, mi), &gs[qi * wf.size], sp);
-          xf.fill(s, xd + s.plane(c, s.q, qi, gi, mi), &xs[qi * xf.size]);
+          const int64_t at = s.plane(c, s.q, qi, gi, mi);
+          add_product(dl1.data(), gd + at, od + at, s.hw);
+        }
+      for (int64_t p = 0; p < s.hw; ++p) dl1[p] *= -sp[p];
+      for (int64_t c = 0; c < s.d; ++c) {
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t di = t / K, dj = t % K, u = T - 1 - t;
+          // w_t into a frame padded by R (whole plane first: reading a row right after
+          // writing it would stall on store forwarding), then wbar_u(i, j) = frame(i + 2R -
+          // di, j + 2R - dj); rows and columns past the plane read the zero border.
+          f.fill(s, wd + s.plane(c, T, t, gi, mi), wframe.data());
+          for (int64_t i = 0; i < s.h; ++i) {
+            float* dst_row = &wbar[(i * nv * T + u) * kV];
+            const float* src = wframe.data() + (i + 2 * R - di) * f.cols + 2 * R - dj;
+            for (int64_t jv = 0; jv < nv; ++jv) st(dst_row + jv * T * kV, ld(src + jv * kV));
+          }
+        }
+        for (int64_t qi = 0; qi < s.q; ++qi) {
+          f.fill(s, gd + s.plane(c, s.q, qi, gi, mi), &gs[qi * f.size], sp);
+          f.fill(s, xd + s.plane(c, s.q, qi, gi, mi), &xs[qi * f.size]);
           dst[qi] = gxd + s.plane(c, s.q, qi, gi, mi);
         }
-        // gx_q = sum_t w_t(p - off_t) gs_q(p - off_t)
-        taps_planes<T>(s, s.q, taps.data(), wf.cols, wf.size, back, gs.data(), wf.cols, wf.size,
-                       back, dst.data());
-        // gw_t = sum_q gs_q(p) x_q(p + off_t) + sign(w_t(p)) dl1(p), a few taps per pass over
-        // q (gs_q shared, x_q read at each tap's offset).
-        for (int64_t t = 0; t < T; ++t) dst[t] = gwd + s.plane(c, T, t, gi, mi);
-        for (int64_t t0 = 0; t0 < T; t0 += 4) {
-          const int64_t nt = std::min<int64_t>(4, T - t0);
-          for (int64_t i = 0; i < s.h; ++i)
-            for (int64_t j = 0; j < s.wv; j += kV) {
-              v8 acc[4] = {zero(), zero(), zero(), zero()};
-              const int64_t at = i * wf.cols + j + centre;
-              for (int64_t qi = 0; qi < s.q; ++qi) {
-                const v8 gv = ld(gs.data() + qi * wf.size + at);
-                const float* xr = xs.data() + qi * xf.size + i * xf.cols + j;
-                for (int64_t a = 0; a < nt; ++a) acc[a] += gv * ld(xr + fwd[t0 + a]);
-              }
-              const v8 d = ld(&dl1[i * s.wv + j]);
-              const int64_t n = std::min(kV, s.w - j);
-              for (int64_t a = 0; a < nt; ++a) {
-                const v8 wv = ld(taps.data() + (t0 + a) * wf.size + at);
-                const v8 term = (wv > 0.f ? d : zero()) - (wv < 0.f ? d : zero());
-                store_n(dst[t0 + a] + i * s.w + j, acc[a] + term, n);
-              }
-            }
+        for (int64_t q0 = 0; q0 < s.q; q0 += 4) {
+          const float* bq = gs.data() + q0 * f.size;
+          float* const* dq = dst.data() + q0;
+          switch (std::min<int64_t>(4, s.q - q0)) {
+            case 4: forward_rows<K, 4>(s, wbar.data(), bq, f.cols, f.size, dq); break;
+            case 3: forward_rows<K, 3>(s, wbar.data(), bq, f.cols, f.size, dq); break;
+            case 2: forward_rows<K, 2>(s, wbar.data(), bq, f.cols, f.size, dq); break;
+            default: forward_rows<K, 1>(s, wbar.data(), bq, f.cols, f.size, dq);
+          }
         }
+        for (int64_t t = 0; t < T; ++t) dst[t] = gwd + s.plane(c, T, t, gi, mi);
+        for (int64_t i = 0; i < s.h; ++i)
+          for (int64_t jv = 0; jv < nv; ++jv) {
+            const int64_t j = jv * kV, n = std::min(kV, s.w - j);
+#pragma GCC unroll 7
+            for (int di = 0; di < K; ++di) {
+              v8 acc[K];
+              for (int dj = 0; dj < K; ++dj) acc[dj] = zero();
+              for (int64_t qi = 0; qi < s.q; ++qi) {
+                const v8 gv = ld(gs.data() + qi * f.size + i * f.cols + j + centre);
+                const float* xr = xs.data() + qi * f.size + (i + di) * f.cols + j;
+                for (int dj = 0; dj < K; ++dj) acc[dj] += gv * ld(xr + dj);
+              }
+              for (int dj = 0; dj < K; ++dj) store_n(dst[di * K + dj] + i * s.w + j, acc[dj], n);
+            }
+          }
+        for (int64_t t = 0; t < T; ++t) add_sign_term(dst[t], wd + s.plane(c, T, t, gi, mi), dl1.data(), s.hw);
       }
     }
   return ffi::Error::Success();
