@@ -117,6 +117,22 @@ void forward_rows(const Shape& s, const float* tv, const float* b, int64_t b_col
     }
 }
 
+// All s.q output planes, four at a time (b: s.q frames shaped like `frame`, one after another).
+template <int K>
+void forward_planes(const Shape& s, const float* tv, const float* b, const Frame& frame,
+                    float* const* dst) {
+  for (int64_t q0 = 0; q0 < s.q; q0 += 4) {
+    const float* bq = b + q0 * frame.size;
+    float* const* dq = dst + q0;
+    switch (std::min<int64_t>(4, s.q - q0)) {
+      case 4: forward_rows<K, 4>(s, tv, bq, frame.cols, frame.size, dq); break;
+      case 3: forward_rows<K, 3>(s, tv, bq, frame.cols, frame.size, dq); break;
+      case 2: forward_rows<K, 2>(s, tv, bq, frame.cols, frame.size, dq); break;
+      default: forward_rows<K, 1>(s, tv, bq, frame.cols, frame.size, dq);
+    }
+  }
+}
+
 template <int K>
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> scale) {
@@ -160,20 +176,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           xf.fill(s, xd + s.plane(c, s.q, qi, gi, mi), &xs[qi * xf.size]);
           dst[qi] = od + s.plane(c, s.q, qi, gi, mi);
         }
-        for (int64_t q0 = 0; q0 < s.q; q0 += 4) {
-          const float* bq = xs.data() + q0 * xf.size;
-          float* const* dq = dst.data() + q0;
-          switch (std::min<int64_t>(4, s.q - q0)) {
-            case 4: forward_rows<K, 4>(s, tv.data(), bq, xf.cols, xf.size, dq); break;
-            case 3: forward_rows<K, 3>(s, tv.data(), bq, xf.cols, xf.size, dq); break;
-            case 2: forward_rows<K, 2>(s, tv.data(), bq, xf.cols, xf.size, dq); break;
-            default: forward_rows<K, 1>(s, tv.data(), bq, xf.cols, xf.size, dq);
-          }
-        }
+        forward_planes<K>(s, tv.data(), xs.data(), xf, dst.data());
       }
       float* sp = sd + (gi * s.m + mi) * s.hw;
       for (int64_t i = 0; i < s.h; ++i)
-        for (int64_t j = 0; j < s.w; ++j) sp[i * s.w + j] = 0.2f / (0.2f * l1[i * s.wv + j] + 0.01f);
+        for (int64_t j = 0; j < s.w; ++j)
+          sp[i * s.w + j] = 0.2f / (0.2f * l1[i * s.wv + j] + 0.01f);
       for (int64_t c = 0; c < s.d; ++c)
         for (int64_t qi = 0; qi < s.q; ++qi) {
           float* o = od + s.plane(c, s.q, qi, gi, mi);
@@ -242,16 +250,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
           f.fill(s, xd + s.plane(c, s.q, qi, gi, mi), &xs[qi * f.size]);
           dst[qi] = gxd + s.plane(c, s.q, qi, gi, mi);
         }
-        for (int64_t q0 = 0; q0 < s.q; q0 += 4) {
-          const float* bq = gs.data() + q0 * f.size;
-          float* const* dq = dst.data() + q0;
-          switch (std::min<int64_t>(4, s.q - q0)) {
-            case 4: forward_rows<K, 4>(s, wbar.data(), bq, f.cols, f.size, dq); break;
-            case 3: forward_rows<K, 3>(s, wbar.data(), bq, f.cols, f.size, dq); break;
-            case 2: forward_rows<K, 2>(s, wbar.data(), bq, f.cols, f.size, dq); break;
-            default: forward_rows<K, 1>(s, wbar.data(), bq, f.cols, f.size, dq);
-          }
-        }
+        forward_planes<K>(s, wbar.data(), gs.data(), f, dst.data());
         for (int64_t t = 0; t < T; ++t) dst[t] = gwd + s.plane(c, T, t, gi, mi);
         for (int64_t i = 0; i < s.h; ++i)
           for (int64_t jv = 0; jv < nv; ++jv) {
@@ -268,7 +267,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
               for (int dj = 0; dj < K; ++dj) store_n(dst[di * K + dj] + i * s.w + j, acc[dj], n);
             }
           }
-        for (int64_t t = 0; t < T; ++t) add_sign_term(dst[t], wd + s.plane(c, T, t, gi, mi), dl1.data(), s.hw);
+        for (int64_t t = 0; t < T; ++t)
+          add_sign_term(dst[t], wd + s.plane(c, T, t, gi, mi), dl1.data(), s.hw);
       }
     }
   return ffi::Error::Success();
