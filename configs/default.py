@@ -6,17 +6,18 @@ The README's main command. It trains end to end on the 4,000 bundled rotated dig
   bash run.sh train        # = python train.py --config=configs/default.py --workdir=runs/default
 
 Expected: test accuracy about 0.93-0.95. Measured 2026-11-29 on this project's 2-core CPU
-machine (an AMD EPYC this time) with the fused CPU kernel: 0.9450 after the 8th epoch, the
-first at the lower learning rate; 20,466 parameters; 8 epochs of 125 steps at 75-88 training
-images/s with the host split into one device per core (data parallel); first step 19 s
-(compile included); a test evaluation after every epoch; 7 min 50 s wall. Runs are
-deterministic on one machine, but round-off changes the result by about 2 points: the same
-math summed in other orders (BatchNorm statistics, one device instead of two, the kernel
-instead of XLA's loops) gave 0.9340, 0.9380, 0.9450 and 0.9530 (twice, on the Intel
-machine of 2026-11-27 without the kernel, 58-69 img/s, 9.5-10.5 min). An earlier
-one-device tree (0.9530): `--config.num_epochs=10` reached 0.9550 (best 0.9560 at epoch 9)
-in 12 min 46 s; moving the drop earlier, `--config.lr_boundaries_epochs='(7,)'`, gave
-0.9440 after 8 epochs.
+machine (an AMD EPYC this time) with the fused CPU kernel (v2) and huge pages: 0.9480 after
+the 8th epoch, the first at the lower learning rate; 20,466 parameters; 8 epochs of 125
+steps at 94-107 training images/s with the host split into one device per core (data
+parallel); a test evaluation after every epoch; 6 min 3 s wall (first step 3.7 s: its
+compiled step came from the persistent cache; cold, about 19 s). Runs are deterministic on
+one machine, but round-off changes the result by about 2 points: the same math summed in
+other orders (BatchNorm statistics, one device instead of two, the kernel instead of XLA's
+loops) gave 0.9340, 0.9380, 0.9450 (kernel v1, 75-88 img/s, 7 min 50 s), 0.9480 and 0.9530
+(twice, on the Intel machine of 2026-11-27 without the kernel, 58-69 img/s, 9.5-10.5 min).
+An earlier one-device tree (0.9530): `--config.num_epochs=10` reached 0.9550 (best 0.9560 at
+epoch 9) in 12 min 46 s; moving the drop earlier, `--config.lr_boundaries_epochs='(7,)'`,
+gave 0.9440 after 8 epochs.
 Rerunning the same command resumes from the latest checkpoint in runs/default.
 Evaluate (accuracy + rotation sweep): ``bash run.sh eval --workdir=runs/default``.
 
