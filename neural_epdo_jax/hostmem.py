@@ -12,8 +12,11 @@ training 18.1-18.3 -> 22.6-23.5 img/s, evaluation 77-84 -> 99-110 img/s, the sam
 glibc reads tunables only when a process starts. ``run.sh`` exports the tunable, and the
 command-line entry points (train.py, ``python -m neural_epdo_jax.evaluate``, the model
 benchmark) call :func:`reexec_with_huge_pages` first, which starts the same command again
-with it when it is missing. ``NEURAL_EPDO_JAX_HUGE_PAGES=0`` opts out; a ``hugetlb`` value
-already in ``GLIBC_TUNABLES`` is kept as it is.
+with it when it is missing. A script of your own gets it with
+``export GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in its shell, or by calling
+:func:`reexec_with_huge_pages` first thing in its ``__main__`` block.
+``NEURAL_EPDO_JAX_HUGE_PAGES=0`` opts out; a ``hugetlb`` value already in ``GLIBC_TUNABLES``
+is kept as it is.
 """
 
 from __future__ import annotations
