@@ -42,10 +42,11 @@ def glibc_version() -> tuple[int, int] | None:
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> str | None:
-    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), or None."""
+    """The current (bracketed) mode in a THP control file: 'always', 'madvise', 'never', ...
+    for ``enabled``, 'defer+madvise' and others for ``defrag``; None if unreadable."""
     try:
         with open(path) as f:
-            match = re.search(r"\[(\w+)\]", f.read())
+            match = re.search(r"\[([^\]]+)\]", f.read())
     except OSError:
         return None
     return match[1] if match else None
