@@ -84,10 +84,11 @@ def reexec_with_huge_pages() -> None:
     code read from stdin or ``-c`` are left alone."""
     new = huge_page_env(os.environ)
     argv = list(getattr(sys, "orig_argv", []))
-    if new is None or not argv or sys.flags.interactive or not sys.executable:
+    # sys.argv[0]: the script or module path; '-c' for code given on the command line,
+    # '' or '-' for an interactive session or code read from stdin.
+    if new is None or not argv or not sys.executable or sys.flags.interactive:
         return
-    script = next((a for a in argv[1:] if not a.startswith("-") or a in ("-m", "-c", "-")), None)
-    if script in (None, "-c", "-"):
+    if sys.argv[0] in ("", "-", "-c"):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -146,7 +146,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const int64_t nv = s.wv / kV, full = s.w / kV;
   // Taps interleaved [h, nv, T, kV]; lanes past w stay zero.
   std::vector<float> tv(s.h * nv * T * kV, 0.f), xs(s.q * xf.size, 0.f);
-  std::vector<float> l1(s.h * s.wv, 0.f);
+  std::vector<float> l1(s.hw);
   std::vector<float*> dst(s.q);
   for (int64_t gi = 0; gi < s.g; ++gi)
     for (int64_t mi = 0; mi < s.m; ++mi) {
@@ -159,7 +159,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           for (int64_t i = 0; i < s.h; ++i) {
             const float* in = pl + i * s.w;
             float* row = &tv[(i * nv * T + t) * kV];
-            float* acc = &l1[i * s.wv];
+            float* acc = &l1[i * s.w];
             int64_t j = 0;
             for (int64_t jv = 0; jv < full; ++jv, j += kV) {
               const v8 v = ld(in + j);
@@ -179,9 +179,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
         forward_planes<K>(s, tv.data(), xs.data(), xf, dst.data());
       }
       float* sp = sd + (gi * s.m + mi) * s.hw;
-      for (int64_t i = 0; i < s.h; ++i)
-        for (int64_t j = 0; j < s.w; ++j)
-          sp[i * s.w + j] = 0.2f / (0.2f * l1[i * s.wv + j] + 0.01f);
+      for (int64_t p = 0; p < s.hw; ++p) sp[p] = 0.2f / (0.2f * l1[p] + 0.01f);
       for (int64_t c = 0; c < s.d; ++c)
         for (int64_t qi = 0; qi < s.q; ++qi) {
           float* o = od + s.plane(c, s.q, qi, gi, mi);
@@ -193,8 +191,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 // With out = raw * scale (the forward's output), d scale = sum_{c,t} w_t gw_scaled_t / scale
 // = sum_{c,q} g out / scale and d scale / d l1 = -scale^2, so the L1 term of the taps'
-// gradient, dl1 = -scale * sum_{c,q} g out, is known before the taps are visited: every
-// array is then read or written once.
+// gradient, dl1 = -scale * sum_{c,q} g out, is known before the taps are visited.
 //
 // With gs = gout * scale and off_t = (t / K - R, t % K - R):
 //   gx_q(p) = sum_t w_t(p - off_t) gs_q(p - off_t): the forward's sum (`forward_rows`) over
