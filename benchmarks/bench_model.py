@@ -102,8 +102,8 @@ def run_child(name: str) -> dict:
     t_import = time.perf_counter()
     import jax
     import jax.numpy as jnp
-    import optax
 
+    from configs import default as default_config
     from neural_epdo_jax import input_pipeline, models, parallel, training
 
     parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts, as train.py does
@@ -131,7 +131,9 @@ def run_child(name: str) -> dict:
         "train_flops_run": models.NeuralEPDONet(**dict(kwargs, chunk=0)),
     }
 
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
+    # train.py's optimizer (configs/default.py's settings; flat Adam state).
+    config = default_config.get_config()
+    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 188))
     t0 = time.perf_counter()
     state = training.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
     if sharding is not None:

@@ -39,7 +39,10 @@ def measure(name: str, dtype: str, batch: int, eval_batch: int, steps: int) -> d
     x = jax.random.uniform(key, (batch, 28, 28, 1))
     y = jax.random.randint(key, (batch,), 0, 10)
     variables = jax.jit(functools.partial(model.init, train=False))(key, x[:2])
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
+    # Flat Adam state, as train.py (`training.create_optimizer`).
+    tx = optax.flatten(
+        optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
+    )
     params, stats = variables["params"], variables["batch_stats"]
     opt = tx.init(params)
 

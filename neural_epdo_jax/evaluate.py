@@ -50,14 +50,15 @@ def load_state(
         )
     config = checkpointing.load_config(workdir)
     model = training.create_model(config)
-    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 1))
-    target = training.abstract_train_state(model, tx, tuple(image_shape))
+    schedule = training.create_learning_rate_schedule(config, 1)
     manager = checkpointing.create_manager(workdir, read_only=True)
     try:
         step, which = checkpointing.best_step(manager), checkpoint
         if checkpoint == "latest" or step is None:
             step, which = manager.latest_step(), "latest"
-        state, _ = checkpointing.restore(manager, step, target)
+        state, _ = training.restore_train_state(
+            manager, step, model, config, schedule, tuple(image_shape)
+        )
     finally:
         manager.close()
     return config, state, step, which

@@ -177,15 +177,41 @@ def create_learning_rate_schedule(
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, *, flat: bool = True
 ) -> optax.GradientTransformation:
     """Adam with L2 added to the gradient before the moments (PyTorch ``Adam(weight_decay)``,
-    i.e. coupled, not AdamW), then the learning rate."""
-    return optax.chain(
+    i.e. coupled, not AdamW), then the learning rate.
+
+    ``flat`` (the default): the update runs on all parameters concatenated into one vector
+    (``optax.flatten``), so the Adam moments are two flat vectors. Elementwise it is the same
+    update (float32 round-off apart), but XLA's CPU backend compiles one fused kernel for it
+    instead of several per parameter array: the R-gauss train step has 105 fewer kernels and
+    compiles in ~17 instead of ~21 s, at the same step time. ``flat=False`` is the per-array
+    state that checkpoints written before 2026-11-29 hold (`restore_train_state` converts).
+    """
+    tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
         optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
         optax.scale_by_learning_rate(schedule),
     )
+    return optax.flatten(tx) if flat else tx
+
+
+def flatten_opt_state(opt_state: optax.OptState, params: Any) -> optax.OptState:
+    """The per-array optimizer state of ``create_optimizer(..., flat=False)`` as the flat
+    optimizer's: every subtree shaped like ``params`` (the Adam moments) becomes the
+    concatenation of its leaves, in ``optax.flatten``'s order."""
+    params_def = jax.tree.structure(params)
+
+    def like_params(s) -> bool:
+        return jax.tree.structure(s) == params_def
+
+    def ravel(s):
+        if not like_params(s):
+            return s
+        return jnp.concatenate([jnp.reshape(x, (-1,)) for x in jax.tree.leaves(s)])
+
+    return jax.tree.map(ravel, opt_state, is_leaf=like_params)
 
 
 def reset_adam_state(opt_state: optax.OptState, reset: jax.Array) -> optax.OptState:
@@ -499,6 +525,43 @@ def replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedShardi
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
+def restore_train_state(
+    manager,
+    step: int,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    image_shape: tuple[int, ...],
+    sharding: jax.sharding.Sharding | None = None,
+) -> tuple[TrainState, dict]:
+    """``(state, progress)`` of checkpoint ``step``, every array placed with ``sharding``
+    (default: the first local device).
+
+    Checkpoints written before the optimizer state became flat (`create_optimizer`) hold
+    per-array Adam moments; they are read as such and converted (`flatten_opt_state`), so
+    older runs still resume and evaluate.
+    """
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(flat: bool) -> TrainState:
+        tx = create_optimizer(config, schedule, flat=flat)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            abstract_train_state(model, tx, image_shape),
+        )
+
+    current = target(True)
+    try:
+        return checkpointing.restore(manager, step, current)
+    except ValueError as err:
+        try:
+            state, progress = checkpointing.restore(manager, step, target(False))
+        except ValueError:
+            raise err from None
+    opt_state = jax.device_put(flatten_opt_state(state.opt_state, state.params), sharding)
+    return state.replace(tx=current.tx, opt_state=opt_state), progress
+
+
 # -------------------------------------------------------------------------- the loop
 
 
@@ -690,11 +753,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress = {}
         step = 0
     else:
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_state_sharding(sharding)),
-            abstract_train_state(model, tx, image_shape),
+        state, progress = restore_train_state(
+            manager, latest, model, config, schedule, image_shape, _state_sharding(sharding)
         )
-        state, progress = checkpointing.restore(manager, latest, target)
         step = int(jax.device_get(state.step))
         if progress.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             raise checkpointing.IncompatibleWorkdirError(

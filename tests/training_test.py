@@ -168,6 +168,30 @@ class OptimizerTest(absltest.TestCase):
             p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
             np.testing.assert_allclose(params["w"], p, rtol=1e-5, err_msg=f"step {t}")
 
+    def test_flat_state_is_the_per_array_update(self):
+        config = default_config.get_config()
+        schedule = training.create_learning_rate_schedule(config, 2)
+        flat = training.create_optimizer(config, schedule)
+        per_array = training.create_optimizer(config, schedule, flat=False)
+        params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.array([0.5, -1.0])}}
+        states = [flat.init(params), per_array.init(params)]
+        adam = states[0][1]
+        self.assertEqual(adam.mu.shape, (8,))  # one vector for all arrays
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            grads = jax.tree.map(
+                lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
+            )
+            (u_flat, states[0]), (u_arr, states[1]) = (
+                flat.update(grads, states[0], params),
+                per_array.update(grads, states[1], params),
+            )
+            chex.assert_trees_all_close(u_flat, u_arr, rtol=1e-6, atol=1e-9)
+            params = optax.apply_updates(params, u_flat)
+        chex.assert_trees_all_close(
+            states[0], training.flatten_opt_state(states[1], params), rtol=1e-6
+        )
+
     def test_reset_adam_state_keeps_schedule_count(self):
         config = default_config.get_config()
         tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 3))
@@ -187,6 +211,51 @@ class OptimizerTest(absltest.TestCase):
             self.assertEqual(float(jnp.abs(leaf).sum()), 0.0)
         counts = [int(x) for x in jax.tree.leaves(reset) if jnp.ndim(x) == 0]
         self.assertIn(3, counts)  # The schedule's count.
+
+
+class LegacyCheckpointTest(absltest.TestCase):
+    """Checkpoints written with per-array Adam moments (before the flat optimizer state)."""
+
+    def setUp(self):
+        super().setUp()
+        self.config = test_config.get_config()
+        self.schedule = training.create_learning_rate_schedule(self.config, 3)
+        tx = training.create_optimizer(self.config, self.schedule, flat=False)
+        state = training.create_train_state(jax.random.key(0), _TinyNet(), tx, (8, 8, 1))
+        self.legacy, _ = jax.jit(training.train_step)(state, _batch(), jax.random.key(1))
+        workdir = self.enter_context(tempfile.TemporaryDirectory())
+        self.manager = checkpointing.create_manager(workdir)
+        self.addCleanup(self.manager.close)
+        checkpointing.save(self.manager, 1, self.legacy, {"epoch": 1})
+
+    def test_restores_as_the_flat_state(self):
+        state, progress = training.restore_train_state(
+            self.manager, 1, _TinyNet(), self.config, self.schedule, (8, 8, 1)
+        )
+        self.assertEqual(progress, {"epoch": 1})
+        chex.assert_trees_all_equal(state.params, self.legacy.params)
+        mu = state.opt_state[1].mu
+        self.assertEqual(mu.shape, (sum(x.size for x in jax.tree.leaves(state.params)),))
+        self.assertGreater(float(jnp.abs(mu).sum()), 0.0)
+        chex.assert_trees_all_equal(
+            state.opt_state, training.flatten_opt_state(self.legacy.opt_state, state.params)
+        )
+        # It trains on with the flat optimizer, as the per-array one would have.
+        batch, rng = _batch(seed=1), jax.random.key(2)
+        new, _ = jax.jit(training.train_step)(state, batch, rng)
+        old, _ = jax.jit(training.train_step)(self.legacy, batch, rng)
+        chex.assert_trees_all_close(new.params, old.params, rtol=1e-5, atol=1e-7)
+
+    def test_other_mismatches_keep_their_error(self):
+        class Wider(_TinyNet):
+            @nn.compact
+            def __call__(self, x, *, train, mask=None):
+                return nn.Dense(10)(jnp.mean(nn.Conv(5, (3, 3))(x), axis=(1, 2)))
+
+        with self.assertRaisesRegex(ValueError, "do not match"):
+            training.restore_train_state(
+                self.manager, 1, Wider(), self.config, self.schedule, (8, 8, 1)
+            )
 
 
 class StepTest(parameterized.TestCase):
