@@ -37,8 +37,19 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
-def check_input(x: jax.Array, ftype: fields.FieldType, where: str) -> None:
-    """Clear errors for a wrong rank or a channel count that does not match the field type."""
+def check_input(
+    x: jax.Array, ftype: fields.FieldType, where: str, channel_major: bool = False
+) -> None:
+    """Clear errors for a wrong rank or a channel count that does not match the field type
+    (``channel_major``: the layout [batch, components, fields, height, width])."""
+    if channel_major:
+        want = (ftype.field_size, ftype.num_fields)
+        if x.ndim != 5 or tuple(x.shape[1:3]) != want:
+            raise ValueError(
+                f"{where}: expected a channel-major array [batch, {want[0]} components, "
+                f"{want[1]} fields, height, width] for {ftype!r}, got shape {tuple(x.shape)}."
+            )
+        return
     if x.ndim != 4:
         raise ValueError(
             f"{where}: expected an NHWC array of rank 4 [batch, height, width, channels], got "
@@ -441,11 +452,12 @@ class GeneratorLinear(nn.Module):
         return out.reshape(h.shape[:-1] + (-1,))
 
 
-def _field_moments(xf: jax.Array) -> tuple[jax.Array, jax.Array, int]:
+def _field_moments(xf: jax.Array, axes=None) -> tuple[jax.Array, jax.Array, int]:
     """Per-example, per-field mean and centred sum of squares of xf [B, ..., F, d] over
     its pixels and components (float32, two passes): (mean [B, F], m2 [B, F], count), count
     = elements per example and field."""
-    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+    if axes is None:
+        axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
     count = int(np.prod([xf.shape[a] for a in axes]))
     mean = jnp.sum(xf, axis=axes, keepdims=True) / count
     m2 = jnp.sum(jnp.square(xf - mean), axis=axes)
@@ -472,17 +484,23 @@ class FieldBatchNorm(nn.Module):
     ``axis_name``: when the batch is split over the devices of this axis (data parallelism,
     `parallel`), the per-example moments of all devices are gathered (one collective) and
     merged as on one device: the statistics of the whole batch.
+
+    ``channel_major``: x is [B, d, F, H, W] (components, fields, pixels; the layout
+    `NeuralEPDO` works in) instead of [B, H, W, F * d]; the same statistics and output.
     """
 
     ftype: fields.FieldType
     momentum: float = 0.1
     epsilon: float = 1e-5
     axis_name: str | None = None
+    channel_major: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         f, d = self.ftype.num_fields, self.ftype.field_size
-        if x.shape[-1] != f * d:
+        if self.channel_major:
+            check_input(x, self.ftype, "FieldBatchNorm", channel_major=True)
+        elif x.shape[-1] != f * d:
             raise ValueError(
                 f"FieldBatchNorm: {self.ftype!r} has {f * d} channels, input has {x.shape[-1]}."
             )
@@ -491,13 +509,18 @@ class FieldBatchNorm(nn.Module):
                 f"FieldBatchNorm: mask must have shape [batch] = {x.shape[:1]}, got "
                 f"{tuple(mask.shape)}."
             )
-        xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (f, d))
+        if self.channel_major:
+            xf = x.astype(jnp.float32)
+            m_axes = (1,) + tuple(range(3, x.ndim))
+        else:
+            xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (f, d))
+            m_axes = None
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((f,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((f,), jnp.float32))
         gamma = self.param("scale", nn.initializers.ones, (f,))
         beta = self.param("bias", nn.initializers.zeros, (f,))
         if train:
-            mean_e, m2_e, per_ex = _field_moments(xf)
+            mean_e, m2_e, per_ex = _field_moments(xf, m_axes)
             n = xf.shape[0]
             wts = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
             if self.axis_name is not None:
@@ -518,6 +541,9 @@ class FieldBatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         scale = gamma * jax.lax.rsqrt(var + self.epsilon)
         shift = beta - mean * scale
+        if self.channel_major:
+            bshape = (f,) + (1,) * (x.ndim - 3)
+            return (xf * scale.reshape(bshape) + shift.reshape(bshape)).astype(x.dtype)
         y = xf * scale[:, None] + shift[:, None]
         return y.reshape(x.shape).astype(x.dtype)
 
@@ -758,6 +784,10 @@ class NeuralEPDO(nn.Module):
         rematerialised in the backward pass, so that the large per-pixel intermediates stay
         small); 0 = all at once; None = `default_chunk()` (1-2 on CPU, all at once elsewhere;
         `models.NeuralEPDONet` passes the inference default in eval mode).
+      channel_major: 'fourier' only: input and output are [B, d, F, H, W] (components,
+        fields, pixels) instead of NHWC [B, H, W, F * d]. With one image per chunk the layer
+        then needs no transposes at all; `models.NeuralEPDONet` keeps its activations in
+        this layout between blocks.
     """
 
     in_type: fields.FieldType
@@ -771,6 +801,7 @@ class NeuralEPDO(nn.Module):
     dtype: Dtype = "float32"
     impl: str = "fourier"
     chunk: int | None = None
+    channel_major: bool = False
 
     def hidden_fields(self) -> int:
         return int(self.in_type.size // (self.reduction * self.in_type.group.order))
@@ -782,7 +813,9 @@ class NeuralEPDO(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        check_input(x, self.in_type, "NeuralEPDO")
+        check_input(x, self.in_type, "NeuralEPDO", self.channel_major)
+        if self.channel_major and self.impl == "dense":
+            raise ValueError("NeuralEPDO: channel_major needs impl='fourier'.")
         if self.impl == "dense":
             return self._dense(x)
         return self._fourier(x)
@@ -858,7 +891,10 @@ class NeuralEPDO(nn.Module):
         phi_h = bases.fourier_matrix(group, u_h)
         phi_out = bases.fourier_matrix(group, u_out)
         d_in, d_out, order = phi_in.shape[2], phi_out.shape[2], group.order
-        b, hh, ww, _ = x.shape
+        if self.channel_major:
+            b, _, _, hh, ww = x.shape
+        else:
+            b, hh, ww, _ = x.shape
         q, k = f_in // self.g, self.kernel_size
 
         chunk = default_chunk() if self.chunk is None else self.chunk
@@ -874,12 +910,18 @@ class NeuralEPDO(nn.Module):
             return y.reshape(d_out, f_out, n, hh, ww)
 
         # [B, H, W, F, d] -> [B / n, d, F, n, H, W]: each chunk channel-major, contiguous.
-        xs = x.astype(dt).reshape(b // n, n, hh, ww, f_in, d_in)
-        xs = jnp.transpose(xs, (0, 5, 4, 1, 2, 3))
+        if self.channel_major:
+            xs = x.astype(dt).reshape(b // n, n, d_in, f_in, hh, ww)
+            xs = jnp.transpose(xs, (0, 2, 3, 1, 4, 5))
+        else:
+            xs = x.astype(dt).reshape(b // n, n, hh, ww, f_in, d_in)
+            xs = jnp.transpose(xs, (0, 5, 4, 1, 2, 3))
         if n == b:
             ys = block(xs[0])[None]
         else:
             ys = jax.lax.map(jax.checkpoint(block), xs)  # [B / n, d_out, F_out, n, H, W]
+        if self.channel_major:
+            return jnp.transpose(ys, (0, 3, 1, 2, 4, 5)).reshape(b, d_out, f_out, hh, ww)
         ys = jnp.transpose(ys, (0, 3, 4, 5, 2, 1))
         return ys.reshape(b, hh, ww, f_out * d_out)
 
@@ -991,24 +1033,30 @@ class ChannelDropout(nn.Module):
 
     ``axis_name``: when the batch is split over the devices of this axis, the masks are drawn
     for the whole batch and each device takes its rows (`parallel.batch_rows`): the same
-    masks as on one device."""
+    masks as on one device.
+
+    ``channel_major``: x is [B, d, F, H, W] instead of [B, H, W, F * d]; the same masks."""
 
     rate: float
     ftype: fields.FieldType | None = None
     per_field: bool = False
     axis_name: str | None = None
+    channel_major: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if not train or self.rate == 0.0:
             return x
-        b, c = x.shape[0], x.shape[-1]
+        b, c = x.shape[0], (x.shape[1] * x.shape[2] if self.channel_major else x.shape[-1])
         key = self.make_rng("dropout")
         f = self.ftype.num_fields if self.per_field else c
         keep = parallel.batch_rows(
             lambda n: jax.random.bernoulli(key, 1.0 - self.rate, (n, 1, 1, f, 1)), b, self.axis_name
         )  # [b, 1, 1, f, 1]: one draw per channel, or per field
         keep = jnp.broadcast_to(keep, (b, 1, 1, f, c // f)).reshape(b, 1, 1, c)
+        if self.channel_major:
+            fd = x.shape[2]
+            keep = jnp.transpose(keep.reshape(b, fd, c // fd), (0, 2, 1))[:, :, :, None, None]
         return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 

@@ -41,6 +41,10 @@ class NeuralEPDONet(nn.Module):
     `layers.NeuralEPDO`. ``axis_name``: the data-parallel axis when the batch is split over
     devices (`parallel`): BatchNorm statistics and dropout masks are then those of the whole
     batch (training mode only; None for one device).
+
+    Layout: with ``impl='fourier'`` (and not ``flip``) the activations after block 1 are
+    channel-major, [B, d, F, H, W], the Neural ePDO layers' own layout; intermediates
+    captured with ``capture_intermediates`` are then in that layout (NHWC otherwise).
     """
 
     n: int = 16
@@ -130,6 +134,11 @@ class NeuralEPDONet(nn.Module):
         plan = self.plan()
         chunk = self.chunk if self.chunk is not None or train else layers.default_chunk(False)
         x = x.astype(jnp.dtype(dt))
+        # Between Neural ePDO blocks the activations stay channel-major, [B, d, F, H, W]:
+        # the layers' own layout, so no block transposes its input or output (R-gauss
+        # training 11.5 -> 13.8 img/s on one core, temporaries 343 -> 296 MiB per device).
+        # The dihedral model (restriction before block 6) and the baseline stay NHWC.
+        cm = self.impl == "fourier" and self.g != -1 and not self.flip
         for i, blk in enumerate(plan):
             if blk.restrict_before:
                 x, _ = layers.restrict_dihedral(x, plan[i - 1].out_type)
@@ -145,24 +154,47 @@ class NeuralEPDONet(nn.Module):
                     self.s,
                     impl=self.impl,
                     chunk=chunk,
+                    channel_major=cm,
                     **common,
                 )
             x = conv(x)
-            bn = layers.FieldBatchNorm(blk.norm_type, axis_name=self.axis_name)
+            if cm and i == 0:
+                x = _to_channel_major(x, blk.out_type)
+            bn = layers.FieldBatchNorm(blk.norm_type, axis_name=self.axis_name, channel_major=cm)
             x = nn.relu(bn(x, train=train, mask=mask))
             if i >= 2:
                 x = layers.ChannelDropout(
-                    self.dropout, blk.out_type, self.dropout_per_field, self.axis_name
+                    self.dropout,
+                    blk.out_type,
+                    self.dropout_per_field,
+                    self.axis_name,
+                    channel_major=cm,
                 )(x, train=train)
             if i in (1, 3):
-                x = layers.max_pool_2x2(x)
-        x = layers.group_pool(x, plan[-1].out_type)  # [B, H, W, F]
-        x = jnp.max(x, axis=(1, 2)).astype(jnp.float32)  # [B, F]
+                if cm:  # every (image, component, field) plane as one NHWC image
+                    h, w = x.shape[-2:]
+                    pooled = layers.max_pool_2x2(x.reshape(-1, h, w, 1))
+                    x = pooled.reshape(x.shape[:3] + pooled.shape[1:3])
+                else:
+                    x = layers.max_pool_2x2(x)
+        if cm:
+            x = jnp.max(x, axis=1)  # group pooling: [B, F, H, W]
+            x = jnp.max(x, axis=(2, 3)).astype(jnp.float32)  # [B, F]
+        else:
+            x = layers.group_pool(x, plan[-1].out_type)  # [B, H, W, F]
+            x = jnp.max(x, axis=(1, 2)).astype(jnp.float32)  # [B, F]
         x = layers.TorchDense(64)(x)
         head = fields.FieldType(groups.Group(1), "trivial", 64)  # plain BatchNorm1d
         x = layers.FieldBatchNorm(head, axis_name=self.axis_name)(x, train=train, mask=mask)
         x = nn.relu(x)
         return layers.TorchDense(self.num_classes)(x)
+
+
+def _to_channel_major(x: jax.Array, ftype: fields.FieldType) -> jax.Array:
+    """[B, H, W, F * d] -> [B, d, F, H, W]."""
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h, w, ftype.num_fields, ftype.field_size)
+    return jnp.transpose(x, (0, 4, 3, 1, 2))
 
 
 def count_params(params) -> int:

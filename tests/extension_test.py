@@ -168,8 +168,10 @@ class CustomGroupFieldsKernelTest(absltest.TestCase):
             logits, state = model.apply(
                 variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
             )
+            # Channel-major [B, d, F, H, W] between the Neural ePDO blocks -> NHWC.
             block1 = state["intermediates"]["FieldBatchNorm_0"]["__call__"][0]
-            return logits, frozen.fn(frozen.arrays, x), block1
+            block1 = jnp.transpose(block1, (0, 3, 4, 2, 1))
+            return logits, frozen.fn(frozen.arrays, x), block1.reshape(block1.shape[:3] + (-1,))
 
         trivial = fields.FieldType(groups.Group(8), "trivial", 1)
         testing.assert_equivariant(lambda x: outputs(x)[0], x, trivial, None, spatial_output=False)

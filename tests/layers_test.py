@@ -184,6 +184,54 @@ def test_batch_norm_mask_keeps_padding_out_of_the_statistics(shape):
         run(padded, mask=mask[:3])
 
 
+def _cm(x, ftype):
+    """NHWC [B, H, W, F * d] -> channel-major [B, d, F, H, W]."""
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h, w, ftype.num_fields, ftype.field_size)
+    return jnp.transpose(x, (0, 4, 3, 1, 2))
+
+
+def test_channel_major_layers_match_nhwc():
+    """BatchNorm (training with a mask, then inference), channel dropout (per channel and per
+    field) and the Neural ePDO layer give in the channel-major layout what they give in NHWC;
+    an input with its components out of order does not."""
+    ft = fields.FieldType(C4, "regular+quo_2", 4)  # components of unequal kinds
+    x = _x(ft, batch=3) * 2 + 1
+    mask = jnp.array([1.0, 1.0, 0.0])
+    bn, bn_cm = layers.FieldBatchNorm(ft), layers.FieldBatchNorm(ft, channel_major=True)
+    v = _perturbed(bn.init(KEY, x, train=False))
+    y, stats = bn.apply(v, x, train=True, mask=mask, mutable=["batch_stats"])
+    y_cm, stats_cm = bn_cm.apply(v, _cm(x, ft), train=True, mask=mask, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_cm, _cm(y, ft), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(stats_cm, stats, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        bn_cm.apply(v, _cm(x, ft), train=False), _cm(bn.apply(v, x, train=False), ft), rtol=1e-6
+    )
+    for per_field in (False, True):
+        drop = layers.ChannelDropout(0.5, ft, per_field)
+        drop_cm = layers.ChannelDropout(0.5, ft, per_field, channel_major=True)
+        rngs = {"dropout": jax.random.PRNGKey(7)}
+        want = _cm(drop.apply({}, x, train=True, rngs=rngs), ft)
+        np.testing.assert_array_equal(drop_cm.apply({}, _cm(x, ft), train=True, rngs=rngs), want)
+    t_out = fields.FieldType(C4, "regular", 2)
+    for chunk in (1, 2):
+        nepdo = layers.NeuralEPDO(ft, t_out, g=2, s=1, reduction=2, chunk=chunk)
+        nepdo_cm = layers.NeuralEPDO(
+            ft, t_out, g=2, s=1, reduction=2, chunk=chunk, channel_major=True
+        )
+        v = _perturbed(nepdo.init(KEY, x))
+        want = _cm(nepdo.apply(v, x), t_out)
+        np.testing.assert_allclose(nepdo_cm.apply(v, _cm(x, ft)), want, rtol=1e-5, atol=1e-5)
+    # Control: the components in the wrong order (a layout slip) change the output.
+    assert np.max(np.abs(nepdo_cm.apply(v, _cm(x, ft)[:, ::-1]) - want)) > 1e-2
+    with pytest.raises(ValueError, match="channel-major array"):
+        nepdo_cm.apply(v, x)
+    with pytest.raises(ValueError, match="needs impl='fourier'"):
+        layers.NeuralEPDO(ft, t_out, g=2, s=1, impl="dense", channel_major=True).init(
+            KEY, _cm(x, ft)
+        )
+
+
 def test_group_norm_statistics_per_sample_and_field():
     ft = fields.FieldType(C4, "regular", 3)
     x = _x(ft, batch=2) * 3 + 1
