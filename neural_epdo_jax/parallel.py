@@ -29,6 +29,12 @@ DATA_AXIS = "data"
 
 _FORCE_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
+# XLA's CPU backend schedules for concurrency by default: it computes values that depend on
+# nothing, such as the zero buffers of the backward pass's loops, at the start of a step, where
+# they stay live through the whole forward pass. Its memory-optimised scheduler does not
+# (R-gauss train step, batch 32 per device: temporaries 297 -> 257 MiB per device, same speed).
+CPU_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity where the OS reports one)."""
@@ -42,7 +48,8 @@ def use_cpu_cores(num_devices: int = 0) -> int | None:
     """Splits the host into ``num_devices`` JAX CPU devices (0: one per usable core).
 
     Call it before JAX runs anything (JAX fixes its devices when it starts). An explicit
-    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` wins. On machines with an
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` wins. It also selects XLA's
+    memory-optimised CPU scheduler (`use_memory_optimised_scheduler`). On machines with an
     accelerator the CPU devices are unused, so this changes nothing there.
 
     Returns:
@@ -51,6 +58,7 @@ def use_cpu_cores(num_devices: int = 0) -> int | None:
     """
     if num_devices < 0:
         raise ValueError(f"num_devices must be >= 0 (0: one per core), got {num_devices}.")
+    use_memory_optimised_scheduler()
     if _FORCE_FLAG.search(os.environ.get("XLA_FLAGS", "")):
         return None
     num = num_devices or usable_cores()
@@ -65,6 +73,17 @@ def use_cpu_cores(num_devices: int = 0) -> int | None:
             )
         return None
     return num
+
+
+def use_memory_optimised_scheduler() -> bool:
+    """Adds `CPU_SCHEDULER_FLAG` to ``XLA_FLAGS`` unless they already choose a CPU scheduler
+    (`use_cpu_cores` calls it). XLA reads its flags once, when JAX first compiles something;
+    call it before that. Returns whether the flag was added."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_scheduler_type" in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
+    return True
 
 
 def mesh_size(num_devices: int, batch_sizes: tuple[int, ...]) -> int:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,23 @@ class ParallelTest(absltest.TestCase):
             self.assertIsNone(parallel.use_cpu_cores(3))
         with self.assertRaisesRegex(ValueError, "num_devices"):
             parallel.use_cpu_cores(-1)
+
+    def test_memory_optimised_scheduler_flag(self):
+        # Added once, after the user's flags; a scheduler the user chose wins. (The subprocess
+        # of test_two_devices_match_one_device runs with it: XLA accepts the flag.)
+        with mock.patch.dict(os.environ, {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}):
+            self.assertTrue(parallel.use_memory_optimised_scheduler())
+            want = "--xla_dump_to=/tmp/x " + parallel.CPU_SCHEDULER_FLAG
+            self.assertEqual(os.environ["XLA_FLAGS"], want)
+            self.assertFalse(parallel.use_memory_optimised_scheduler())
+            self.assertEqual(os.environ["XLA_FLAGS"], want)
+        mine = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"
+        with mock.patch.dict(os.environ, {"XLA_FLAGS": mine}):
+            self.assertFalse(parallel.use_memory_optimised_scheduler())
+            self.assertEqual(os.environ["XLA_FLAGS"], mine)
+        with mock.patch.dict(os.environ, clear=True):
+            parallel.use_memory_optimised_scheduler()
+            self.assertEqual(os.environ["XLA_FLAGS"], parallel.CPU_SCHEDULER_FLAG)
 
     def test_two_devices_match_one_device(self):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
