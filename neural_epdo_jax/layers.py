@@ -747,15 +747,15 @@ def _group_norm_relu_cm(h: jax.Array, params: tuple, eps: float = 1e-5) -> jax.A
 def default_chunk(train: bool = True) -> int:
     """Images per `NeuralEPDO` chunk when its ``chunk`` is None: on CPU a few images at a time
     keep each layer's large intermediates (the taps) in cache and the peak memory low.
-    Inference: 2 (with the fused CPU kernel, R-gauss at batch 128 on one core: 53.7-59.3
-    img/s against 48-56 for 4 and 51 for 8, which was best for XLA's own loops). Training: 2
-    on one CPU device; 1 when the host is split into several (`parallel.use_cpu_cores`, one
-    core each: the same speed as 2, and the R-gauss train step compiles faster).
-    Accelerators want the whole batch (0)."""
+    Inference: 1 (the channel-major R-gauss model, 2 devices at batch 256: 121-123 img/s
+    against 104-105 for 2; D-gauss, NHWC: the same speed, faster compile). Training: 2 on one
+    CPU device; 1 when the host is split into several (`parallel.use_cpu_cores`, one core
+    each: the same speed as 2, and the R-gauss train step compiles faster). Accelerators want
+    the whole batch (0)."""
     if jax.default_backend() != "cpu":
         return 0
     if not train:
-        return 2
+        return 1
     return 1 if jax.local_device_count() > 1 else 2
 
 
