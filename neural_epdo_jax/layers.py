@@ -486,7 +486,9 @@ class FieldBatchNorm(nn.Module):
     merged as on one device: the statistics of the whole batch.
 
     ``channel_major``: x is [B, d, F, H, W] (components, fields, pixels; the layout
-    `NeuralEPDO` works in) instead of [B, H, W, F * d]; the same statistics and output.
+    `NeuralEPDO` works in) instead of [B, H, W, F * d]; the same statistics and output. It
+    also takes each field read as r consecutive fields of d / r components, [B, d / r, F * r,
+    H, W] (the D_N fields after `restrict_dihedral`), as the NHWC layout does implicitly.
     """
 
     ftype: fields.FieldType
@@ -498,8 +500,12 @@ class FieldBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         f, d = self.ftype.num_fields, self.ftype.field_size
+        parts = 1  # channel-major: each field read as `parts` consecutive fields
         if self.channel_major:
-            check_input(x, self.ftype, "FieldBatchNorm", channel_major=True)
+            if x.ndim == 5 and x.shape[2] % f == 0 and x.shape[1] * (x.shape[2] // f) == d:
+                parts = x.shape[2] // f
+            else:
+                check_input(x, self.ftype, "FieldBatchNorm", channel_major=True)  # raises
         elif x.shape[-1] != f * d:
             raise ValueError(
                 f"FieldBatchNorm: {self.ftype!r} has {f * d} channels, input has {x.shape[-1]}."
@@ -510,8 +516,9 @@ class FieldBatchNorm(nn.Module):
                 f"{tuple(mask.shape)}."
             )
         if self.channel_major:
-            xf = x.astype(jnp.float32)
-            m_axes = (1,) + tuple(range(3, x.ndim))
+            b, dp, _, h, w = x.shape
+            xf = x.astype(jnp.float32).reshape(b, dp, f, parts, h, w)
+            m_axes = (1, 3, 4, 5)
         else:
             xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (f, d))
             m_axes = None
@@ -542,8 +549,9 @@ class FieldBatchNorm(nn.Module):
         scale = gamma * jax.lax.rsqrt(var + self.epsilon)
         shift = beta - mean * scale
         if self.channel_major:
-            bshape = (f,) + (1,) * (x.ndim - 3)
-            return (xf * scale.reshape(bshape) + shift.reshape(bshape)).astype(x.dtype)
+            bshape = (f, 1, 1, 1)
+            y = xf * scale.reshape(bshape) + shift.reshape(bshape)
+            return y.reshape(x.shape).astype(x.dtype)
         y = xf * scale[:, None] + shift[:, None]
         return y.reshape(x.shape).astype(x.dtype)
 
@@ -910,7 +918,9 @@ class NeuralEPDO(nn.Module):
             return y.reshape(d_out, f_out, n, hh, ww)
 
         # [B, H, W, F, d] -> [B / n, d, F, n, H, W]: each chunk channel-major, contiguous.
-        if self.channel_major:
+        if self.channel_major and n == 1:
+            xs = x.astype(dt).reshape(b, d_in, f_in, 1, hh, ww)
+        elif self.channel_major:
             xs = x.astype(dt).reshape(b // n, n, d_in, f_in, hh, ww)
             xs = jnp.transpose(xs, (0, 2, 3, 1, 4, 5))
         else:
@@ -958,21 +968,29 @@ def group_pool(x: jax.Array, ftype: fields.FieldType, mode: str = "max") -> jax.
     raise ValueError(f"group_pool: mode must be 'max' or 'mean', got {mode!r}.")
 
 
-def restrict_dihedral(x: jax.Array, ftype: fields.FieldType) -> tuple[jax.Array, fields.FieldType]:
+def restrict_dihedral(
+    x: jax.Array, ftype: fields.FieldType, channel_major: bool = False
+) -> tuple[jax.Array, fields.FieldType]:
     """Re-read each D_N regular field (2N components) as two C_N regular fields.
 
     The reference's fixed permutation: the first block of N is kept, the second reversed (on
     it r acts as a backward shift; reversed, as a forward one). Returns the array and its new
-    field type (2F regular fields of C_N).
+    field type (2F regular fields of C_N). ``channel_major``: x is [B, 2N, F, H, W] and the
+    result [B, N, 2F, H, W] (whole planes moved).
     """
     group = ftype.group
     if not group.flip or ftype.unit != (("regular", 1),):
         raise ValueError(f"restrict_dihedral needs regular fields of a D_N group, got {ftype!r}.")
+    check_input(x, ftype, "restrict_dihedral", channel_major=channel_major)
     n = group.n
-    perm = np.concatenate([np.arange(n), 2 * n - 1 - np.arange(n)])
+    perm = jnp.asarray(np.concatenate([np.arange(n), 2 * n - 1 - np.arange(n)]))
+    restricted = fields.FieldType(groups.Group(n, False), "regular", 2 * ftype.num_fields)
+    if channel_major:
+        b, _, f, h, w = x.shape
+        xp = jnp.take(x, perm, axis=1).reshape(b, 2, n, f, h, w)  # [B, half, N, F, H, W]
+        return jnp.transpose(xp, (0, 2, 3, 1, 4, 5)).reshape(b, n, 2 * f, h, w), restricted
     xf = x.reshape(x.shape[:-1] + (ftype.num_fields, 2 * n))
-    out = jnp.take(xf, jnp.asarray(perm), axis=-1).reshape(x.shape)
-    return out, fields.FieldType(groups.Group(n, False), "regular", 2 * ftype.num_fields)
+    return jnp.take(xf, perm, axis=-1).reshape(x.shape), restricted
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -42,7 +42,7 @@ class NeuralEPDONet(nn.Module):
     devices (`parallel`): BatchNorm statistics and dropout masks are then those of the whole
     batch (training mode only; None for one device).
 
-    Layout: with ``impl='fourier'`` (and not ``flip``) the activations from block 1's ReLU
+    Layout: with ``impl='fourier'`` (and ``g != -1``) the activations from block 1's ReLU
     on are channel-major, [B, d, F, H, W], the Neural ePDO layers' own layout; intermediates
     captured with ``capture_intermediates`` are then in that layout (block 1's conv and BN
     outputs, and everything of the other models, NHWC).
@@ -138,11 +138,11 @@ class NeuralEPDONet(nn.Module):
         # Between Neural ePDO blocks the activations stay channel-major, [B, d, F, H, W]:
         # the layers' own layout, so no block transposes its input or output (R-gauss
         # training 11.5 -> 13.8 img/s on one core, temporaries 343 -> 296 MiB per device).
-        # The dihedral model (restriction before block 6) and the baseline stay NHWC.
-        cm = self.impl == "fourier" and self.g != -1 and not self.flip
+        # The baseline (linear ePDOs, g = -1) stays NHWC.
+        cm = self.impl == "fourier" and self.g != -1
         for i, blk in enumerate(plan):
             if blk.restrict_before:
-                x, _ = layers.restrict_dihedral(x, plan[i - 1].out_type)
+                x, _ = layers.restrict_dihedral(x, plan[i - 1].out_type, channel_major=cm)
 
             def conv_norm_relu(_module, x, mask, i=i, blk=blk):  # (nn.remat's signature)
                 if i == 0 or self.g == -1:
@@ -208,6 +208,15 @@ def _to_channel_major(x: jax.Array, ftype: fields.FieldType) -> jax.Array:
     b, h, w, _ = x.shape
     x = x.reshape(b, h, w, ftype.num_fields, ftype.field_size)
     return jnp.transpose(x, (0, 4, 3, 1, 2))
+
+
+def to_nhwc(x: jax.Array) -> jax.Array:
+    """A captured activation in NHWC, [B, H, W, F * d]: channel-major [B, d, F, H, W] arrays
+    (see `NeuralEPDONet`'s layout) are transposed, NHWC ones returned as they are."""
+    if x.ndim != 5:
+        return x
+    b, d, f, h, w = x.shape
+    return jnp.transpose(x, (0, 3, 4, 2, 1)).reshape(b, h, w, f * d)
 
 
 def count_params(params) -> int:

@@ -224,6 +224,29 @@ def test_channel_major_layers_match_nhwc():
         np.testing.assert_allclose(nepdo_cm.apply(v, _cm(x, ft)), want, rtol=1e-5, atol=1e-5)
     # Control: the components in the wrong order (a layout slip) change the output.
     assert np.max(np.abs(nepdo_cm.apply(v, _cm(x, ft)[:, ::-1]) - want)) > 1e-2
+    # D_N -> C_N restriction, then a BatchNorm with the D_N fields' statistics (D-gauss's
+    # block 6) on the restricted channel-major layout.
+    d4 = fields.FieldType(groups.Group(4, True), "regular", 3)
+    xd = _x(d4, batch=2) * 2 + 1
+    r, c4 = layers.restrict_dihedral(xd, d4)
+    r_cm, c4_cm = layers.restrict_dihedral(_cm(xd, d4), d4, channel_major=True)
+    assert c4_cm == c4 and r_cm.shape == (2, 4, 6, 8, 8)
+    np.testing.assert_array_equal(r_cm, _cm(r, c4))
+    bn, bn_cm = layers.FieldBatchNorm(d4), layers.FieldBatchNorm(d4, channel_major=True)
+    v = _perturbed(bn.init(KEY, r, train=False))
+    y, stats = bn.apply(v, r, train=True, mutable=["batch_stats"])
+    y_cm, stats_cm = bn_cm.apply(v, r_cm, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_cm, _cm(y, c4), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(stats_cm, stats, rtol=1e-5, atol=1e-6)
+    # Control: per C_N field statistics (half a D_N field each) are not these.
+    bn_c4 = layers.FieldBatchNorm(c4, channel_major=True)
+    v_c4 = bn_c4.init(KEY, r_cm, train=False)
+    assert (
+        np.max(np.abs(bn_c4.apply(v_c4, r_cm, train=True, mutable=["batch_stats"])[0] - y_cm))
+        > 1e-2
+    )
+    with pytest.raises(ValueError, match="channel-major array"):
+        bn_cm.apply(v, r_cm[:, :, :5], train=False)
     with pytest.raises(ValueError, match="channel-major array"):
         nepdo_cm.apply(v, x)
     with pytest.raises(ValueError, match="needs impl='fourier'"):
