@@ -63,6 +63,24 @@ def check_input(
         )
 
 
+def to_channel_major(x: jax.Array, ftype: fields.FieldType) -> jax.Array:
+    """NHWC [B, H, W, F * d] -> channel-major [B, d, F, H, W] (the layout of the layers'
+    ``channel_major`` option)."""
+    check_input(x, ftype, "to_channel_major")
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h, w, ftype.num_fields, ftype.field_size)
+    return jnp.transpose(x, (0, 4, 3, 1, 2))
+
+
+def to_nhwc(x: jax.Array) -> jax.Array:
+    """Channel-major [B, d, F, H, W] -> NHWC [B, H, W, F * d]; rank-4 (NHWC) arrays are
+    returned as they are (e.g. for activations captured from `models.NeuralEPDONet`)."""
+    if x.ndim != 5:
+        return x
+    b, d, f, h, w = x.shape
+    return jnp.transpose(x, (0, 3, 4, 2, 1)).reshape(b, h, w, f * d)
+
+
 def reference_init(basis_sq_sum: float, fan_in_fields: int, dim_out: int):
     """The reference's init: normal with std sqrt(1/f), f = sum(basis^2) * F_in / dim_out."""
     std = float(np.sqrt(dim_out / (basis_sq_sum * fan_in_fields)))
@@ -918,8 +936,8 @@ class NeuralEPDO(nn.Module):
             return y.reshape(d_out, f_out, n, hh, ww)
 
         # [B, H, W, F, d] -> [B / n, d, F, n, H, W]: each chunk channel-major, contiguous.
-        if self.channel_major and n == 1:
-            xs = x.astype(dt).reshape(b, d_in, f_in, 1, hh, ww)
+        if self.channel_major and n == 1:  # a reshape: XLA turned the (trivial) transpose
+            xs = x.astype(dt).reshape(b, d_in, f_in, 1, hh, ww)  # into a slow layout copy
         elif self.channel_major:
             xs = x.astype(dt).reshape(b // n, n, d_in, f_in, hh, ww)
             xs = jnp.transpose(xs, (0, 2, 3, 1, 4, 5))
@@ -958,14 +976,19 @@ def validate_nlpdo(in_type: fields.FieldType, reduction: int, g: int, s: int) ->
         )
 
 
-def group_pool(x: jax.Array, ftype: fields.FieldType, mode: str = "max") -> jax.Array:
-    """Invariant pooling over each field's components: [..., F*d] -> [..., F]."""
-    xf = x.reshape(x.shape[:-1] + (ftype.num_fields, ftype.field_size))
-    if mode == "max":
-        return jnp.max(xf, axis=-1)
-    if mode == "mean":
-        return jnp.mean(xf, axis=-1)
-    raise ValueError(f"group_pool: mode must be 'max' or 'mean', got {mode!r}.")
+def group_pool(
+    x: jax.Array, ftype: fields.FieldType, mode: str = "max", channel_major: bool = False
+) -> jax.Array:
+    """Invariant pooling over each field's components: [..., F*d] -> [..., F]
+    (``channel_major``: [B, d, F, H, W] -> [B, F, H, W])."""
+    if mode not in ("max", "mean"):
+        raise ValueError(f"group_pool: mode must be 'max' or 'mean', got {mode!r}.")
+    if channel_major:
+        check_input(x, ftype, "group_pool", channel_major=True)
+        xf, axis = x, 1
+    else:
+        xf, axis = x.reshape(x.shape[:-1] + (ftype.num_fields, ftype.field_size)), -1
+    return jnp.max(xf, axis=axis) if mode == "max" else jnp.mean(xf, axis=axis)
 
 
 def restrict_dihedral(
@@ -993,14 +1016,18 @@ def restrict_dihedral(
     return jnp.take(xf, perm, axis=-1).reshape(x.shape), restricted
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling, stride 2 (NHWC). Exactly quarter-turn equivariant only for even H and
-    W: odd sizes give a one-time warning (the last row/column is dropped, as in PyTorch).
+def max_pool_2x2(x: jax.Array, channel_major: bool = False) -> jax.Array:
+    """2x2 max pooling, stride 2 (NHWC; ``channel_major``: [B, d, F, H, W], every plane
+    pooled). Exactly quarter-turn equivariant only for even H and W: odd sizes give a
+    one-time warning (the last row/column is dropped, as in PyTorch).
 
     Same values and gradient as ``flax.linen.max_pool`` (the gradient goes to the first
     maximum of each window in row-major order), computed from four strided slices: XLA's
     CPU reduce-window and its select-and-scatter gradient are several times slower.
     """
+    if channel_major:  # every (image, component, field) plane as one NHWC image
+        pooled = max_pool_2x2(x.reshape((-1,) + x.shape[3:] + (1,)))
+        return pooled.reshape(x.shape[:3] + pooled.shape[1:3])
     h, w = x.shape[1], x.shape[2]
     if h % 2 or w % 2:
         warnings.warn(

@@ -45,7 +45,7 @@ class NeuralEPDONet(nn.Module):
     Layout: with ``impl='fourier'`` (and ``g != -1``) the activations from block 1's ReLU
     on are channel-major, [B, d, F, H, W], the Neural ePDO layers' own layout; intermediates
     captured with ``capture_intermediates`` are then in that layout (block 1's conv and BN
-    outputs, and everything of the other models, NHWC).
+    outputs, and everything of the other models, NHWC; `layers.to_nhwc` converts).
     """
 
     n: int = 16
@@ -169,7 +169,7 @@ class NeuralEPDONet(nn.Module):
                     blk.norm_type, axis_name=self.axis_name, channel_major=bn_cm
                 )
                 x = nn.relu(bn(x, train=train, mask=mask))
-                return _to_channel_major(x, blk.out_type) if cm and i == 0 else x
+                return layers.to_channel_major(x, blk.out_type) if cm and i == 0 else x
 
             # Block 1 (one input channel: a cheap conv) is recomputed in the backward pass
             # rather than keeping its conv's output, the size of its ReLU's (R-gauss: 25 MB
@@ -184,39 +184,14 @@ class NeuralEPDONet(nn.Module):
                     channel_major=cm,
                 )(x, train=train)
             if i in (1, 3):
-                if cm:  # every (image, component, field) plane as one NHWC image
-                    h, w = x.shape[-2:]
-                    pooled = layers.max_pool_2x2(x.reshape(-1, h, w, 1))
-                    x = pooled.reshape(x.shape[:3] + pooled.shape[1:3])
-                else:
-                    x = layers.max_pool_2x2(x)
-        if cm:
-            x = jnp.max(x, axis=1)  # group pooling: [B, F, H, W]
-            x = jnp.max(x, axis=(2, 3)).astype(jnp.float32)  # [B, F]
-        else:
-            x = layers.group_pool(x, plan[-1].out_type)  # [B, H, W, F]
-            x = jnp.max(x, axis=(1, 2)).astype(jnp.float32)  # [B, F]
+                x = layers.max_pool_2x2(x, channel_major=cm)
+        x = layers.group_pool(x, plan[-1].out_type, channel_major=cm)  # [B, (F,) H, W(, F)]
+        x = jnp.max(x, axis=(2, 3) if cm else (1, 2)).astype(jnp.float32)  # [B, F]
         x = layers.TorchDense(64)(x)
         head = fields.FieldType(groups.Group(1), "trivial", 64)  # plain BatchNorm1d
         x = layers.FieldBatchNorm(head, axis_name=self.axis_name)(x, train=train, mask=mask)
         x = nn.relu(x)
         return layers.TorchDense(self.num_classes)(x)
-
-
-def _to_channel_major(x: jax.Array, ftype: fields.FieldType) -> jax.Array:
-    """[B, H, W, F * d] -> [B, d, F, H, W]."""
-    b, h, w, _ = x.shape
-    x = x.reshape(b, h, w, ftype.num_fields, ftype.field_size)
-    return jnp.transpose(x, (0, 4, 3, 1, 2))
-
-
-def to_nhwc(x: jax.Array) -> jax.Array:
-    """A captured activation in NHWC, [B, H, W, F * d]: channel-major [B, d, F, H, W] arrays
-    (see `NeuralEPDONet`'s layout) are transposed, NHWC ones returned as they are."""
-    if x.ndim != 5:
-        return x
-    b, d, f, h, w = x.shape
-    return jnp.transpose(x, (0, 3, 4, 2, 1)).reshape(b, h, w, f * d)
 
 
 def count_params(params) -> int:

@@ -105,7 +105,7 @@ def block_outputs_fn(
             variables, images, train=False, capture_intermediates=is_bn, mutable=["intermediates"]
         )
         inter = state["intermediates"]
-        bn_out = (models.to_nhwc(inter[f"FieldBatchNorm_{i}"]["__call__"][0]) for i in range(6))
+        bn_out = (layers.to_nhwc(inter[f"FieldBatchNorm_{i}"]["__call__"][0]) for i in range(6))
         blocks = tuple(jax.nn.relu(x) for x in bn_out)
         return blocks + (logits,)
 

@@ -184,11 +184,7 @@ def test_batch_norm_mask_keeps_padding_out_of_the_statistics(shape):
         run(padded, mask=mask[:3])
 
 
-def _cm(x, ftype):
-    """NHWC [B, H, W, F * d] -> channel-major [B, d, F, H, W]."""
-    b, h, w, _ = x.shape
-    x = x.reshape(b, h, w, ftype.num_fields, ftype.field_size)
-    return jnp.transpose(x, (0, 4, 3, 1, 2))
+_cm = layers.to_channel_major
 
 
 def test_channel_major_layers_match_nhwc():
@@ -224,6 +220,18 @@ def test_channel_major_layers_match_nhwc():
         np.testing.assert_allclose(nepdo_cm.apply(v, _cm(x, ft)), want, rtol=1e-5, atol=1e-5)
     # Control: the components in the wrong order (a layout slip) change the output.
     assert np.max(np.abs(nepdo_cm.apply(v, _cm(x, ft)[:, ::-1]) - want)) > 1e-2
+    # Pooling over space and over each field's components; the layout round trip.
+    np.testing.assert_array_equal(layers.to_nhwc(_cm(x, ft)), x)
+    pooled = layers.max_pool_2x2(x)
+    np.testing.assert_array_equal(
+        layers.max_pool_2x2(_cm(x, ft), channel_major=True), _cm(pooled, ft)
+    )
+    for mode in ("max", "mean"):
+        got = layers.group_pool(_cm(x, ft), ft, mode, channel_major=True)  # [B, F, H, W]
+        want_pool = layers.group_pool(x, ft, mode)  # [B, H, W, F]
+        np.testing.assert_allclose(
+            jnp.transpose(got, (0, 2, 3, 1)), want_pool, rtol=1e-6, atol=1e-6
+        )
     # D_N -> C_N restriction, then a BatchNorm with the D_N fields' statistics (D-gauss's
     # block 6) on the restricted channel-major layout.
     d4 = fields.FieldType(groups.Group(4, True), "regular", 3)

@@ -138,7 +138,7 @@ class InvarianceTest(chex.TestCase, parameterized.TestCase):
                 capture_intermediates=lambda mdl, _: isinstance(mdl, layers.ChannelDropout),
                 mutable=["intermediates"],
             )
-            return models.to_nhwc(inter["intermediates"]["ChannelDropout_2"]["__call__"][0])
+            return layers.to_nhwc(inter["intermediates"]["ChannelDropout_2"]["__call__"][0])
 
         fn = jax.jit(block5)
         errs = testing.assert_equivariant(fn, x, None, block5_type, group=d4, rtol=1e-4)
