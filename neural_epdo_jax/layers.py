@@ -284,6 +284,43 @@ def linear_blocks(
     return blocks.reshape(k, yw * f_out, xw * fi * s)
 
 
+def _bmm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Batched matrix product over b's leading axes; a [..., P, Q] has the same or fewer
+    (trailing) batch axes and is broadcast, so that the product is one batched dot whose
+    output needs no transpose (jnp.matmul makes a's missing batch axes free axes of b and
+    transposes the result)."""
+    lead = b.shape[:-2]
+    a = jax.lax.broadcast_in_dim(a, lead + a.shape[-2:], tuple(range(b.ndim - a.ndim, b.ndim)))
+    dims = tuple(range(len(lead)))
+    return jax.lax.dot_general(a, b, (((b.ndim - 1,), (b.ndim - 2,)), (dims, dims)))
+
+
+@jax.custom_vjp
+def _bmm_const(a: jax.Array, a_t: jax.Array, b: jax.Array) -> jax.Array:
+    return _bmm(a, b)
+
+
+def _bmm_const_fwd(a, a_t, b):
+    return _bmm(a, b), (a, a_t)
+
+
+def _bmm_const_bwd(res, g):
+    a, a_t = res
+    return jnp.zeros_like(a), jnp.zeros_like(a_t), _bmm(a_t, g)
+
+
+_bmm_const.defvjp(_bmm_const_fwd, _bmm_const_bwd)
+
+
+def const_matmul(a: np.ndarray, b: jax.Array) -> jax.Array:
+    """`_bmm` of a constant matrix (a transform) and b, in b's dtype. The backward pass
+    multiplies by a separately stored transpose of the constant: a plain product, which XLA's
+    CPU backend gives to its fast matmul library, where autodiff's product with a transposed
+    operand runs in a slower generic one (R-gauss train step, 2 devices: 2% faster)."""
+    a_t = np.ascontiguousarray(np.swapaxes(a, -1, -2))
+    return _bmm_const(jnp.asarray(a, b.dtype), jnp.asarray(a_t, b.dtype), b)
+
+
 def apply_linear_cm(
     x: jax.Array, blocks: jax.Array, phi_in: np.ndarray, phi_out: np.ndarray
 ) -> jax.Array:
@@ -293,12 +330,11 @@ def apply_linear_cm(
     d_in, f_in, n = x.shape
     k, xw, _ = phi_in.shape
     yw, d_out = phi_out.shape[1:]
-    dt = x.dtype
-    fwd = jnp.asarray(phi_in.reshape(k * xw, d_in), dt)
-    xh = jnp.dot(fwd, x.reshape(d_in, f_in * n)).reshape(k, xw * f_in, n)  # [K, (x, i), N]
-    yh = jnp.matmul(blocks.astype(dt), xh)  # [K, (y, o), N]
-    inv = jnp.asarray(phi_out.reshape(k * yw, d_out).T, dt)
-    return jnp.dot(inv, yh.reshape(k * yw, -1)).reshape(d_out, -1, n)
+    fwd = phi_in.reshape(k * xw, d_in)
+    xh = const_matmul(fwd, x.reshape(d_in, f_in * n)).reshape(k, xw * f_in, n)  # [K, (x, i), N]
+    yh = jnp.matmul(blocks.astype(x.dtype), xh)  # [K, (y, o), N]
+    inv = phi_out.reshape(k * yw, d_out).T
+    return const_matmul(inv, yh.reshape(k * yw, -1)).reshape(d_out, -1, n)
 
 
 def to_cm(x: jax.Array, d: int) -> jax.Array:
@@ -351,73 +387,85 @@ class _GeneratorPlan:
     s: int
 
 
+def group_major(h: jax.Array, s: int) -> jax.Array:
+    """Hidden fields CM [|G|, M, P] -> [s, |G|, M / s, P]: the generator's input, one slice per
+    group of the grouped map (`generator_taps_cm`)."""
+    order, m = h.shape[:2]
+    return jnp.swapaxes(h.reshape(order, s, m // s, -1), 0, 1)
+
+
 def generator_blocks(
     weight: jax.Array, plan: _GeneratorPlan
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """From the generator's weights [M / s, g, n] (`bases.generator_basis`) to
-    (Fourier blocks [K, (y, r, a, o), (x, m)] of the untwisted group convolution, or None;
-    dense kernel [(c, tap, o), (h, m)] of the non-regular blocks, or None)."""
+    """From the generator's weights [M / s, g, n] (`bases.generator_basis`) to the factors of
+    its ``s`` independent groups (group j maps hidden fields j M / s ... to operators
+    j g / s ...; other pairs are zero, so they are not computed):
+    (Fourier blocks [s, K, (y, r, a, o), (x, m)] of the untwisted group convolution, or None;
+    dense kernels [s, (c, tap, o), (h, m)] of the non-regular blocks, or None),
+    with o and m counted within the group."""
     gf = bases.generator_fourier(
         plan.group, plan.unit, plan.discretisation, plan.max_order, plan.kernel_size
     )
-    mi, g, _ = weight.shape
+    mi, g, n = weight.shape
+    s = plan.s
     order, a = plan.group.order, gf.untwist.shape[1]
-    mask = jnp.asarray(_group_mask(g, plan.s, mi).reshape(g, plan.s, mi), jnp.float32)
+    wg = weight.reshape(mi, s, g // s, n)  # [m, j, o, n]
     fourier = dense = None
     if gf.regular_blocks:
         w = jnp.stack(
             [
-                weight[..., st : st + order * a].reshape(mi, g, order, a)
+                wg[..., st : st + order * a].reshape(mi, s, g // s, order, a)
                 for _, st in gf.regular_blocks
             ],
-            axis=3,
-        )  # [mi, g, |G|, R, A]
-        w = jnp.einsum("iolrx,lxa->iolra", w, jnp.asarray(gf.untwist, jnp.float32))
+            axis=4,
+        )  # [mi, s, g / s, |G|, R, A]
+        w = jnp.einsum("ijolrx,lxa->ijolra", w, jnp.asarray(gf.untwist, jnp.float32))
         shifts = jnp.asarray(gf.shifts, jnp.float32)  # [|G|, K, b, b]
-        blk = jnp.einsum("iolra,lkyx,oji->kyraoxji", w, shifts, mask)
+        blk = jnp.einsum("ijolra,lkyx->jkyraoxi", w, shifts)
         k, b = shifts.shape[1:3]
-        fourier = blk.reshape(k, -1, b * plan.s * mi)
+        fourier = blk.reshape(s, k, -1, b * mi)
     if gf.dense_offsets:
         rows = jnp.asarray(gf.dense, jnp.float32)  # [n, d_rest * taps, |G|]
-        dense = jnp.einsum("ion,nqh,oji->qohji", weight, rows, mask)
-        dense = dense.reshape(rows.shape[1] * g, order * plan.s * mi)
+        dense = jnp.einsum("ijon,nqh->jqohi", wg, rows)
+        dense = dense.reshape(s, rows.shape[1] * (g // s), order * mi)
     return fourier, dense
 
 
 def generator_taps_cm(
     h: jax.Array, fourier: jax.Array | None, dense: jax.Array | None, plan: _GeneratorPlan
 ) -> jax.Array:
-    """The generator's taps [d_unit, taps, g, N] from hidden regular fields h [|G|, M, N]
-    (CM): Fourier block products into the untwisted coefficients, one inverse transform,
-    one small matrix per component to taps (`bases.GeneratorFourier`); other blocks dense."""
+    """The generator's taps [s, d_unit, taps, g / s, N] (operator j g / s + o at (j, o)) from
+    hidden regular fields h [s, |G|, M / s, N] (CM, grouped: `group_major`): Fourier block
+    products into the untwisted coefficients, one inverse transform, one small matrix per
+    component to taps (`bases.GeneratorFourier`); other blocks dense. Each group is one
+    batch entry of every product."""
     gf = bases.generator_fourier(
         plan.group, plan.unit, plan.discretisation, plan.max_order, plan.kernel_size
     )
-    order, m, n = h.shape
+    s, order, m, n = h.shape
     dt, taps = h.dtype, plan.kernel_size**2
     parts = []
     if fourier is not None:
         phi = bases.fourier_matrix(plan.group, (("regular", 1),))
         k, b, _ = phi.shape
-        fwd = jnp.asarray(phi.reshape(k * b, order), dt)
-        hh = jnp.dot(fwd, h.reshape(order, m * n)).reshape(k, b * m, n)
-        zh = jnp.matmul(fourier.astype(dt), hh)  # [K, (y, r, a, o), N]
-        z = jnp.dot(fwd.T, zh.reshape(k * b, -1))  # [|G|, (r, a, o, N)]
+        fwd = phi.reshape(k * b, order)
+        hh = const_matmul(fwd, h.reshape(s, order, m * n)).reshape(s, k, b * m, n)
+        zh = _bmm(fourier.astype(dt), hh)  # [s, K, (y, r, a, o), N]
+        z = const_matmul(fwd.T, zh.reshape(s, k * b, -1))  # [s, |G|, (r, a, o, N)]
         r, a = len(gf.regular_blocks), gf.untwist.shape[1]
-        z = z.reshape(order, r, a, -1)
-        t_mat = jnp.asarray(gf.taps, dt)  # [|G|, taps, A]
-        for j, (off, _) in enumerate(gf.regular_blocks):
-            parts.append((off, jnp.matmul(t_mat, z[:, j]).reshape(order, taps, -1, n)))
+        z = z.reshape(s, order, r, a, -1)
+        for j, (off, _) in enumerate(gf.regular_blocks):  # gf.taps: [|G|, taps, A]
+            parts.append((off, const_matmul(gf.taps, z[:, :, j]).reshape(s, order, taps, -1, n)))
     if dense is not None:
         d_rest = sum(dim for _, dim in gf.dense_offsets)
-        rest = jnp.dot(dense.astype(dt), h.reshape(order * m, n))  # [(c, tap, o), N]
-        rest = rest.reshape(d_rest, taps, -1, n)
+        rest = _bmm(dense.astype(dt), h.reshape(s, order * m, n))  # [s, (c, tap, o), N]
+        rest = rest.reshape(s, d_rest, taps, -1, n)
         start = 0
         for off, dim in gf.dense_offsets:
-            parts.append((off, rest[start : start + dim]))
+            parts.append((off, rest[:, start : start + dim]))
             start += dim
     parts.sort(key=lambda item: item[0])
-    return jnp.concatenate([p for _, p in parts], axis=0) if len(parts) > 1 else parts[0][1]
+    return jnp.concatenate([p for _, p in parts], axis=1) if len(parts) > 1 else parts[0][1]
 
 
 class GeneratorLinear(nn.Module):
@@ -464,9 +512,10 @@ class GeneratorLinear(nn.Module):
         )
         fourier, dense = generator_blocks(w, plan)
         order = self.hidden_type.group.order
-        taps = generator_taps_cm(to_cm(h.astype(dt), order), fourier, dense, plan)
-        # [d, taps, g, P] -> [P, g, d, taps]
-        out = jnp.transpose(taps, (3, 2, 0, 1))
+        hg = group_major(to_cm(h.astype(dt), order), self.groups)
+        taps = generator_taps_cm(hg, fourier, dense, plan)
+        # [s, d, taps, g / s, P] -> [P, g, d, taps]
+        out = jnp.transpose(taps, (4, 0, 3, 1, 2))
         return out.reshape(h.shape[:-1] + (-1,))
 
 
@@ -678,12 +727,24 @@ def _raw_apply(x: jax.Array, w: jax.Array, k: int) -> jax.Array:
     )
 
 
+def _taps_by_operator(w: jax.Array) -> jax.Array:
+    """Taps [S, d, T, g / S, ...] -> [d, T, g, ...] (operator j * g / S + l from (j, l))."""
+    s, d, t, gl = w.shape[:4]
+    return jnp.moveaxis(w, 0, 2).reshape((d, t, s * gl) + w.shape[4:])
+
+
+def _taps_by_group(w: jax.Array, s: int) -> jax.Array:
+    """The inverse of `_taps_by_operator`."""
+    d, t, g = w.shape[:3]
+    return jnp.moveaxis(w.reshape((d, t, s, g // s) + w.shape[3:]), 2, 0)
+
+
 def _normalised_apply_fwd_impl(x, w, k):
+    w = _taps_by_operator(w)
     scale = 0.2 / (0.2 * _taps_l1(w) + 0.01)  # [g, ...]
     return _raw_apply(x, w, k) * scale[None, None].astype(x.dtype), scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
     """Steps 3-4 of the Neural ePDO layer, channel-major and fused.
 
@@ -693,7 +754,10 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
 
     Args:
       x: [d, Q, g, ..., H, W]: d components of Q partitions of g fields.
-      w: [d, kernel_size^2, g, ..., H, W] the raw taps (tap = row * size + col).
+      w: [S, d, kernel_size^2, g / S, ..., H, W] the raw taps (tap = row * size + col) of the
+        g operators, operator ``j * g / S + l`` at ``(j, l)``: the layout in which the grouped
+        generator (S groups, `generator_taps_cm`) produces them; S = 1 is plain
+        ``w[None]`` for taps [d, T, g, ...].
     Returns:
       [d, Q, g, ..., H, W].
 
@@ -702,6 +766,24 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
     On CPU, float32, both passes call the fused C++ kernels of `kernels` when they are
     available (same formulas; the XLA formulation below otherwise).
     """
+    k = kernel_size
+    if (
+        x.ndim < 5
+        or w.ndim != x.ndim + 1
+        or w.shape[1:3] != (x.shape[0], k * k)
+        or w.shape[0] * w.shape[3] != x.shape[2]
+        or w.shape[4:] != x.shape[3:]
+    ):
+        raise ValueError(
+            f"normalised_apply: x {tuple(x.shape)} must be [d, Q, g, ..., H, W] and the taps "
+            f"{tuple(w.shape)} [S, d, {k * k}, g / S, ..., H, W] with the same d, g and "
+            "trailing axes."
+        )
+    return _normalised_apply(x, w, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
     return _na_fwd(x, w, kernel_size)[0]
 
 
@@ -721,6 +803,8 @@ def _na_bwd(k, res, g):
 
 
 def _na_bwd_xla(k, x, w, scale, g):
+    groups = w.shape[0]
+    w = _taps_by_operator(w)
     h, wd, c = x.shape[-2], x.shape[-1], k // 2
     q = x.shape[1]
     gs = g * scale[None, None].astype(g.dtype)
@@ -750,10 +834,10 @@ def _na_bwd_xla(k, x, w, scale, g):
     dot = _tree_sum(_f32(_mul(_take(w, t), _take(gw_scaled, t))) for t in range(k * k))
     dl1 = -scale * jnp.sum(dot, axis=0)
     gw = gw_scaled + jnp.sign(w) * dl1[None, None].astype(w.dtype)
-    return gx.astype(x.dtype), gw.astype(w.dtype)
+    return gx.astype(x.dtype), _taps_by_group(gw.astype(w.dtype), groups)
 
 
-normalised_apply.defvjp(_na_fwd, _na_bwd)
+_normalised_apply.defvjp(_na_fwd, _na_bwd)
 
 
 def _group_norm_relu_cm(h: jax.Array, params: tuple, eps: float = 1e-5) -> jax.Array:
@@ -929,8 +1013,9 @@ class NeuralEPDO(nn.Module):
         def block(xc: jax.Array) -> jax.Array:  # [d_in, F_in, n, H, W] -> [d_out, F_out, ...]
             h = apply_linear_cm(xc.reshape(d_in, f_in, -1), blocks_h, phi_in, phi_h)
             h = _group_norm_relu_cm(h.reshape(order, m, n, hh * ww), norm)
-            taps = generator_taps_cm(h.reshape(order, m, -1), gen_fourier, gen_dense, plan)
-            taps = taps.reshape(d_in, k * k, self.g, n, hh, ww)
+            hg = group_major(h.reshape(order, m, -1), self.s)
+            taps = generator_taps_cm(hg, gen_fourier, gen_dense, plan)
+            taps = taps.reshape(self.s, d_in, k * k, self.g // self.s, n, hh, ww)
             out = normalised_apply(xc.reshape(d_in, q, self.g, n, hh, ww), taps, k)
             y = apply_linear_cm(out.reshape(d_in, f_in, -1), blocks_o, phi_in, phi_out)
             return y.reshape(d_out, f_out, n, hh, ww)

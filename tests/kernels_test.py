@@ -20,11 +20,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _operands(shape, k, seed=0):
-    """x [d, Q, g, ..., H, W], raw taps w [d, k*k, g, ..., H, W] and an output cotangent."""
+def _operands(shape, k, seed=0, groups=1):
+    """x [d, Q, g, ..., H, W], raw taps w [S, d, k*k, g / S, ..., H, W] (S = groups) and an
+    output cotangent."""
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(keys[0], shape)
-    w = jax.random.normal(keys[1], (shape[0], k * k) + shape[2:])
+    w_shape = (groups, shape[0], k * k, shape[2] // groups) + shape[3:]
+    w = jax.random.normal(keys[1], w_shape)
     return x, w, jax.random.normal(keys[2], shape)
 
 
@@ -34,29 +36,43 @@ def _rel(a, b):
 
 
 # Q = 1, 2, 5 (the kernels take 4 planes at a time), widths below and above a vector (8
-# floats), several middle axes, and every kernel size the kernels support.
+# floats), several middle axes, every kernel size the kernels support, and grouped taps
+# (S = 2: one and two operators per group).
 SHAPES = [
-    ((3, 1, 2, 2, 6, 7), 3),
-    ((4, 5, 1, 2, 3, 9, 14), 5),
-    ((2, 2, 3, 1, 10, 17), 7),
+    ((3, 1, 2, 2, 6, 7), 3, 2),
+    ((4, 5, 1, 2, 3, 9, 14), 5, 1),
+    ((2, 2, 3, 1, 10, 17), 7, 1),
+    ((2, 3, 4, 1, 6, 9), 5, 2),
 ]
 
 
-@pytest.mark.parametrize("shape, k", SHAPES)
-def test_kernels_match_xla_formulation(shape, k):
-    x, w, g = _operands(shape, k)
+@pytest.mark.parametrize("shape, k, groups", SHAPES)
+def test_kernels_match_xla_formulation(shape, k, groups):
+    x, w, g = _operands(shape, k, groups=groups)
     out, scale = jax.jit(kernels.normalised_apply_fwd, static_argnums=2)(x, w, k)
     want_out, want_scale = jax.jit(layers._normalised_apply_fwd_impl, static_argnums=2)(x, w, k)
-    assert out.shape == x.shape and scale.shape == w.shape[2:]
+    assert out.shape == x.shape and scale.shape == x.shape[2:]
     assert _rel(want_out, out) < 1e-5
     assert _rel(want_scale, scale) < 1e-6
     gx, gw = jax.jit(kernels.normalised_apply_bwd, static_argnums=5)(x, w, scale, out, g, k)
     want_gx, want_gw = jax.jit(layers._na_bwd_xla, static_argnums=0)(k, x, w, want_scale, g)
+    assert gw.shape == w.shape
     assert _rel(want_gx, gx) < 1e-5
     assert _rel(want_gw, gw) < 1e-5
-    # Negative control: the same comparison catches taps applied mirrored (w[t] at -off_t).
-    bad, _ = kernels.normalised_apply_fwd(x, w[:, ::-1], k)
+    # Negative controls: the same comparison catches taps applied mirrored (w[t] at -off_t),
+    # and, with two operators per group, the operators of a group read in the wrong order.
+    bad, _ = kernels.normalised_apply_fwd(x, w[:, :, ::-1], k)
     assert _rel(want_out, bad) > 1e-2
+    if w.shape[3] > 1 and groups > 1:
+        swapped = jnp.moveaxis(w, 0, 3).reshape((1,) + w.shape[1:3] + (-1,) + w.shape[4:])
+        bad, _ = kernels.normalised_apply_fwd(x, swapped, k)
+        assert _rel(want_out, bad) > 1e-2
+
+
+def test_normalised_apply_rejects_mismatched_taps():
+    x, w, _ = _operands((2, 1, 2, 1, 5, 5), 3)
+    with pytest.raises(ValueError, match=r"\[S, d, 9, g / S, \.\.\., H, W\]"):
+        layers.normalised_apply(x, w[0], 3)  # the old layout, without the group axis
 
 
 def test_normalised_apply_takes_the_kernel():
@@ -82,7 +98,7 @@ def test_other_dtypes_and_sizes_use_the_xla_formulation():
     x, w, _ = _operands((2, 1, 2, 1, 5, 5), 3)
     assert kernels.use_for(x, w, 3)
     assert not kernels.use_for(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 3)
-    assert not kernels.use_for(x, jnp.zeros(w.shape[:1] + (81,) + w.shape[2:]), 9)
+    assert not kernels.use_for(x, jnp.zeros(w.shape[:2] + (81,) + w.shape[3:]), 9)
     fn = jax.jit(functools.partial(layers.normalised_apply, kernel_size=3))
     y = fn(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))

@@ -172,11 +172,12 @@ def test_fast_path_is_exactly_equivariant_with_chunks(jit):
 def test_normalised_apply_gradient_matches_autodiff(use_kernels):
     """The hand-written backward pass of the fused normalise-and-apply op (the CPU kernels of
     `kernels` where available, and the XLA formulation)."""
-    x = jax.random.normal(KEY, (3, 2, 2, 2, 6, 7))
-    w = jax.random.normal(jax.random.PRNGKey(1), (3, 9, 2, 2, 6, 7))
+    x = jax.random.normal(KEY, (3, 2, 4, 2, 6, 7))
+    w = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 9, 2, 2, 6, 7))  # 2 groups of 2
     g = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
     def reference(x, w):  # the straightforward formula, differentiated by JAX
+        w = jnp.moveaxis(w, 0, 2).reshape(3, 9, 4, 2, 6, 7)  # operator j * 2 + l
         wn = w / 5.0 / (jnp.sum(jnp.abs(w / 5.0), axis=(0, 1)) + 0.01)
         xp = jnp.pad(x, ((0, 0),) * 4 + ((1, 1), (1, 1)))
         return sum(

@@ -166,34 +166,41 @@ def _as_6d(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[:3] + (-1,) + a.shape[-2:])
 
 
+def _taps_7d(w: jax.Array) -> jax.Array:
+    """[S, d, T, g / S, ..., H, W] -> [S, d, T, g / S, M, H, W]."""
+    return w.reshape(w.shape[:4] + (-1,) + w.shape[-2:])
+
+
 def normalised_apply_fwd(x: jax.Array, w: jax.Array, kernel_size: int):
     """(out [d, Q, g, ..., H, W], scale [g, ..., H, W]) from x [d, Q, g, ..., H, W] and the raw
-    taps w [d, kernel_size^2, g, ..., H, W] (see `layers.normalised_apply`)."""
+    taps w [S, d, kernel_size^2, g / S, ..., H, W] (see `layers.normalised_apply`)."""
+    x6 = _as_6d(x)
     out, scale = jax.ffi.ffi_call(
         _FWD,
         (
-            jax.ShapeDtypeStruct(_as_6d(x).shape, jnp.float32),
-            jax.ShapeDtypeStruct(_as_6d(w).shape[2:], jnp.float32),
+            jax.ShapeDtypeStruct(x6.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x6.shape[2:], jnp.float32),
         ),
         vmap_method="sequential",
-    )(_as_6d(x), _as_6d(w), kernel_size=np.int64(kernel_size))
-    return out.reshape(x.shape), scale.reshape(w.shape[2:])
+    )(x6, _taps_7d(w), kernel_size=np.int64(kernel_size))
+    return out.reshape(x.shape), scale.reshape(x.shape[2:])
 
 
 def normalised_apply_bwd(x, w, scale, out, g, kernel_size: int):
     """Cotangents (of x, of w) of `normalised_apply_fwd`'s ``out`` (and ``scale``) given the
     cotangent g of out."""
+    x6, w7 = _as_6d(x), _taps_7d(w)
     gx, gw = jax.ffi.ffi_call(
         _BWD,
         (
-            jax.ShapeDtypeStruct(_as_6d(x).shape, jnp.float32),
-            jax.ShapeDtypeStruct(_as_6d(w).shape, jnp.float32),
+            jax.ShapeDtypeStruct(x6.shape, jnp.float32),
+            jax.ShapeDtypeStruct(w7.shape, jnp.float32),
         ),
         vmap_method="sequential",
     )(
-        _as_6d(x),
-        _as_6d(w),
-        scale.reshape(_as_6d(w).shape[2:]),
+        x6,
+        w7,
+        scale.reshape(x6.shape[2:]),
         _as_6d(out),
         _as_6d(g),
         kernel_size=np.int64(kernel_size),
