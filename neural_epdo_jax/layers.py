@@ -296,43 +296,60 @@ def _bmm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _bmm_const(a: jax.Array, a_t: jax.Array, b: jax.Array) -> jax.Array:
+def _bmm_pair(a: jax.Array, a_t: jax.Array, b: jax.Array) -> jax.Array:
     return _bmm(a, b)
 
 
-def _bmm_const_fwd(a, a_t, b):
-    return _bmm(a, b), (a, a_t)
+def _bmm_pair_fwd(a, a_t, b):
+    return _bmm(a, b), (a_t, b)
 
 
-def _bmm_const_bwd(res, g):
-    a, a_t = res
-    return jnp.zeros_like(a), jnp.zeros_like(a_t), _bmm(a_t, g)
+def _bmm_pair_bwd(res, g):
+    a_t, b = res
+    extra = tuple(range(b.ndim - a_t.ndim))  # the axes over which a was broadcast: summed
+    lead = tuple(range(len(extra), b.ndim - 2))
+    contract = extra + (b.ndim - 1,)
+    ga = jax.lax.dot_general(g, b, ((contract, contract), (lead, lead)))
+    return ga, jnp.zeros_like(a_t), _bmm(a_t, g)
 
 
-_bmm_const.defvjp(_bmm_const_fwd, _bmm_const_bwd)
+_bmm_pair.defvjp(_bmm_pair_fwd, _bmm_pair_bwd)
+
+
+def with_transpose(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(blocks, their transpose over the last two axes, materialised): `block_matmul`'s
+    operand. Made once, outside a layer's loop over chunks, it reaches the loop's backward
+    pass as a stored array rather than as a transposed view of the blocks."""
+    return blocks, jnp.swapaxes(blocks, -1, -2)
+
+
+def block_matmul(blocks, b: jax.Array) -> jax.Array:
+    """`_bmm` of weight blocks [..., P, Q] (or `with_transpose`'s pair) and b [..., Q, N]. With
+    a pair, the backward pass multiplies by the stored transpose: a plain product, which
+    XLA's CPU backend runs in its fast matmul library (autodiff's product with a transposed
+    operand runs in a slower generic one)."""
+    a, a_t = blocks if isinstance(blocks, tuple) else with_transpose(blocks)
+    return _bmm_pair(a.astype(b.dtype), a_t.astype(b.dtype), b)
 
 
 def const_matmul(a: np.ndarray, b: jax.Array) -> jax.Array:
-    """`_bmm` of a constant matrix (a transform) and b, in b's dtype. The backward pass
-    multiplies by a separately stored transpose of the constant: a plain product, which XLA's
-    CPU backend gives to its fast matmul library, where autodiff's product with a transposed
-    operand runs in a slower generic one (R-gauss train step, 2 devices: 2% faster)."""
+    """`block_matmul` of a constant matrix (a transform) [..., P, Q] and b, in b's dtype (the
+    constant's transpose stored too)."""
     a_t = np.ascontiguousarray(np.swapaxes(a, -1, -2))
-    return _bmm_const(jnp.asarray(a, b.dtype), jnp.asarray(a_t, b.dtype), b)
+    return block_matmul((jnp.asarray(a, b.dtype), jnp.asarray(a_t, b.dtype)), b)
 
 
-def apply_linear_cm(
-    x: jax.Array, blocks: jax.Array, phi_in: np.ndarray, phi_out: np.ndarray
-) -> jax.Array:
+def apply_linear_cm(x: jax.Array, blocks, phi_in: np.ndarray, phi_out: np.ndarray) -> jax.Array:
     """[d_in, F_in, N] -> [d_out, F_out, N]: transform, one block product per slot, inverse.
 
-    ``A = sum_k Phi_out[k]^T B_k Phi_in[k]`` (see `bases.fourier_matrix`)."""
+    ``A = sum_k Phi_out[k]^T B_k Phi_in[k]`` (see `bases.fourier_matrix`); ``blocks``: the
+    blocks B [K, Y * F_out, X * F_in] of `linear_blocks`, or their `with_transpose` pair."""
     d_in, f_in, n = x.shape
     k, xw, _ = phi_in.shape
     yw, d_out = phi_out.shape[1:]
     fwd = phi_in.reshape(k * xw, d_in)
     xh = const_matmul(fwd, x.reshape(d_in, f_in * n)).reshape(k, xw * f_in, n)  # [K, (x, i), N]
-    yh = jnp.matmul(blocks.astype(x.dtype), xh)  # [K, (y, o), N]
+    yh = block_matmul(blocks, xh)  # [K, (y, o), N]
     inv = phi_out.reshape(k * yw, d_out).T
     return const_matmul(inv, yh.reshape(k * yw, -1)).reshape(d_out, -1, n)
 
@@ -431,26 +448,25 @@ def generator_blocks(
     return fourier, dense
 
 
-def generator_taps_cm(
-    h: jax.Array, fourier: jax.Array | None, dense: jax.Array | None, plan: _GeneratorPlan
-) -> jax.Array:
+def generator_taps_cm(h: jax.Array, fourier, dense, plan: _GeneratorPlan) -> jax.Array:
     """The generator's taps [s, d_unit, taps, g / s, N] (operator j g / s + o at (j, o)) from
     hidden regular fields h [s, |G|, M / s, N] (CM, grouped: `group_major`): Fourier block
     products into the untwisted coefficients, one inverse transform, one small matrix per
     component to taps (`bases.GeneratorFourier`); other blocks dense. Each group is one
-    batch entry of every product."""
+    batch entry of every product. ``fourier`` and ``dense``: `generator_blocks`' factors,
+    each (when not None) an array or its `with_transpose` pair."""
     gf = bases.generator_fourier(
         plan.group, plan.unit, plan.discretisation, plan.max_order, plan.kernel_size
     )
     s, order, m, n = h.shape
-    dt, taps = h.dtype, plan.kernel_size**2
+    taps = plan.kernel_size**2
     parts = []
     if fourier is not None:
         phi = bases.fourier_matrix(plan.group, (("regular", 1),))
         k, b, _ = phi.shape
         fwd = phi.reshape(k * b, order)
         hh = const_matmul(fwd, h.reshape(s, order, m * n)).reshape(s, k, b * m, n)
-        zh = _bmm(fourier.astype(dt), hh)  # [s, K, (y, r, a, o), N]
+        zh = block_matmul(fourier, hh)  # [s, K, (y, r, a, o), N]
         z = const_matmul(fwd.T, zh.reshape(s, k * b, -1))  # [s, |G|, (r, a, o, N)]
         r, a = len(gf.regular_blocks), gf.untwist.shape[1]
         z = z.reshape(s, order, r, a, -1)
@@ -458,7 +474,7 @@ def generator_taps_cm(
             parts.append((off, const_matmul(gf.taps, z[:, :, j]).reshape(s, order, taps, -1, n)))
     if dense is not None:
         d_rest = sum(dim for _, dim in gf.dense_offsets)
-        rest = _bmm(dense.astype(dt), h.reshape(s, order * m, n))  # [s, (c, tap, o), N]
+        rest = block_matmul(dense, h.reshape(s, order * m, n))  # [s, (c, tap, o), N]
         rest = rest.reshape(s, d_rest, taps, -1, n)
         start = 0
         for off, dim in gf.dense_offsets:
@@ -994,9 +1010,11 @@ class NeuralEPDO(nn.Module):
             (_weight_spec(bases.linear_basis(group, u_in, u_out), self.in_type, f_out, 1),),
             name="output",
         )()
-        blocks_h = linear_blocks(w_h, group, u_in, u_h)
-        blocks_o = linear_blocks(w_o, group, u_in, u_out)
-        gen_fourier, gen_dense = generator_blocks(w_g, plan)
+        # Blocks with their transposes, made once for all chunks (`block_matmul`).
+        blocks_h = with_transpose(linear_blocks(w_h, group, u_in, u_h))
+        blocks_o = with_transpose(linear_blocks(w_o, group, u_in, u_out))
+        gen = generator_blocks(w_g, plan)
+        gen_fourier, gen_dense = (None if b is None else with_transpose(b) for b in gen)
         phi_in = bases.fourier_matrix(group, u_in)
         phi_h = bases.fourier_matrix(group, u_h)
         phi_out = bases.fourier_matrix(group, u_out)

@@ -193,6 +193,30 @@ def test_normalised_apply_gradient_matches_autodiff(use_kernels):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "a_shape, b_shape", [((3, 4), (4, 6)), ((3, 4), (5, 4, 6)), ((3, 3, 4), (2, 3, 4, 6))]
+)
+def test_block_matmul_and_gradients_match_matmul(a_shape, b_shape):
+    """`layers.block_matmul` (a broadcast over b's leading axes) and its backward pass, which
+    multiplies by the stored transpose, against jnp.matmul differentiated by JAX."""
+    ka, kb, kg = jax.random.split(KEY, 3)
+    a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
+    want, vjp_want = jax.vjp(jnp.matmul, a, b)
+    got, vjp_got = jax.vjp(layers.block_matmul, a, b)
+    g = jax.random.normal(kg, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for x, y in zip(vjp_got(g), vjp_want(g)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    c = np.asarray(a)  # a constant transform
+    np.testing.assert_allclose(layers.const_matmul(c, b), want, rtol=1e-5, atol=1e-5)
+    _, vjp_c = jax.vjp(lambda b: layers.const_matmul(c, b), b)
+    np.testing.assert_allclose(vjp_c(g)[0], vjp_want(g)[1], rtol=1e-5, atol=1e-5)
+    # Negative control: the backward pass does use the stored transpose (a wrong one shows).
+    pair = (a, jnp.swapaxes(a, -1, -2) + 1.0)
+    _, vjp_bad = jax.vjp(lambda b: layers.block_matmul(pair, b), b)
+    assert float(jnp.max(jnp.abs(vjp_bad(g)[0] - vjp_want(g)[1]))) > 1e-2
+
+
 def test_max_pool_matches_flax_including_ties():
     x = jax.nn.relu(jax.random.normal(KEY, (2, 8, 6, 5)))
     x = x.at[0, 0, 0, 0].set(1.0).at[0, 0, 1, 0].set(1.0).at[0, 1, 0, 0].set(1.0)
