@@ -29,9 +29,11 @@ inline v8 ld(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void st(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 inline v8 zero() { return v8{0, 0, 0, 0, 0, 0, 0, 0}; }
 
-// Stores the first n (<= kV) lanes of v.
-inline void store_n(float* dst, v8 v, int64_t n) {
-  if (n == kV) {
+// Stores the first n (<= kV) lanes of v at dst, a position in row i of an [h, w] plane whose
+// rows are written in order: short of the last row, all kV lanes are stored (the extra ones
+// land on the next row, which is written later), one vector store instead of n scalar ones.
+inline void store_n(float* dst, v8 v, int64_t n, int64_t i, int64_t h) {
+  if (n == kV || i + 1 < h) {
     st(dst, v);
   } else {
     for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
@@ -120,7 +122,7 @@ void forward_rows(const Shape& s, const float* tv, const float* b, int64_t b_col
         }
       }
       const int64_t j = jv * kV, n = std::min(kV, s.w - j);
-      for (int q = 0; q < NQ; ++q) store_n(dst[q] + i * s.w + j, acc[q], n);
+      for (int q = 0; q < NQ; ++q) store_n(dst[q] + i * s.w + j, acc[q], n, i, s.h);
     }
 }
 
@@ -269,7 +271,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
                 const float* xr = xs.data() + qi * f.size + (i + di) * f.cols + j;
                 for (int dj = 0; dj < K; ++dj) acc[dj] += gv * ld(xr + dj);
               }
-              for (int dj = 0; dj < K; ++dj) store_n(dst[di * K + dj] + i * s.w + j, acc[dj], n);
+              for (int dj = 0; dj < K; ++dj)
+                store_n(dst[di * K + dj] + i * s.w + j, acc[dj], n, i, s.h);
             }
           }
         for (int64_t t = 0; t < T; ++t)
