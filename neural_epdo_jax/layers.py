@@ -687,12 +687,12 @@ def apply_spatially_varying(x: jax.Array, w: jax.Array, g: int, kernel_size: int
     return out.reshape(b, h, wd, f, d)
 
 
-def _tree_sum(terms) -> jax.Array:
-    """Sum of a sequence of arrays as a balanced tree of adds (one fused loop in XLA; XLA's
-    CPU reductions over leading axes are many times slower)."""
+def _tree_sum(terms, op=jax.lax.add) -> jax.Array:
+    """Sum (or another associative ``op``) of a sequence of arrays as a balanced tree (one
+    fused loop in XLA; XLA's CPU reductions over leading axes are many times slower)."""
     terms = list(terms)
     while len(terms) > 1:
-        pairs = [jax.lax.add(terms[i], terms[i + 1]) for i in range(0, len(terms) - 1, 2)]
+        pairs = [op(terms[i], terms[i + 1]) for i in range(0, len(terms) - 1, 2)]
         terms = pairs + terms[len(pairs) * 2 :]
     return terms[0]
 
@@ -1088,6 +1088,10 @@ def group_pool(
         raise ValueError(f"group_pool: mode must be 'max' or 'mean', got {mode!r}.")
     if channel_major:
         check_input(x, ftype, "group_pool", channel_major=True)
+        if mode == "max":  # elementwise: XLA's CPU backend fused the reduce over axis 1 with
+            # the network's global max pool and head into one reduce over non-adjacent axes,
+            # 2.5% of R-gauss inference; the same values
+            return _tree_sum((_take(x, c) for c in range(x.shape[1])), jax.lax.max)
         xf, axis = x, 1
     else:
         xf, axis = x.reshape(x.shape[:-1] + (ftype.num_fields, ftype.field_size)), -1
