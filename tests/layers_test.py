@@ -226,9 +226,9 @@ def test_channel_major_layers_match_nhwc():
     np.testing.assert_array_equal(
         layers.max_pool_2x2(_cm(x, ft), channel_major=True), _cm(pooled, ft)
     )
-    for mode in ("max", "mean"):
-        got = layers.group_pool(_cm(x, ft), ft, mode, channel_major=True)  # [B, F, H, W]
-        want_pool = layers.group_pool(x, ft, mode)  # [B, H, W, F]
+    for mode, elementwise in (("max", False), ("max", True), ("mean", False)):
+        got = layers.group_pool(_cm(x, ft), ft, mode, channel_major=True, elementwise=elementwise)
+        want_pool = layers.group_pool(x, ft, mode)  # [B, H, W, F]; got [B, F, H, W]
         np.testing.assert_allclose(
             jnp.transpose(got, (0, 2, 3, 1)), want_pool, rtol=1e-6, atol=1e-6
         )
