@@ -40,6 +40,16 @@ inline void store_n(float* dst, v8 v, int64_t n, int64_t i, int64_t h) {
   }
 }
 
+// The first n (<= kV) lanes at p, p in row i of an [h, w] plane (the counterpart of
+// `store_n`): short of the last row, a whole vector, whose extra lanes hold the next row's
+// first values; on the last row the others are zero (nothing past the plane is read).
+inline v8 load_n(const float* p, int64_t n, int64_t i, int64_t h) {
+  if (n == kV || i + 1 < h) return ld(p);
+  v8 v = zero();
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+
 // dst[p] += a[p] * b[p].
 inline void add_product(float* __restrict dst, const float* __restrict a,
                         const float* __restrict b, int64_t n) {
@@ -152,10 +162,11 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   float* od = out->typed_data();
   float* sd = scale->typed_data();
   const Frame xf(s, R);  // inputs padded by R: tap t reads (i + t / K, j + t % K)
-  const int64_t nv = s.wv / kV, full = s.w / kV;
-  // Taps interleaved [h, nv, T, kV]; lanes past w stay zero.
+  const int64_t nv = s.wv / kV;
+  // Taps interleaved [h, nv, T, kV] and their L1 norm [h, wv]: whole vectors (`load_n`), so
+  // lanes past w hold other values; the outputs they give are never kept (`store_n`).
   std::vector<float> tv(s.h * nv * T * kV, 0.f), xs(s.q * xf.size, 0.f);
-  std::vector<float> l1(s.hw);
+  std::vector<float> l1(s.h * s.wv);
   std::vector<float*> dst(s.q);
   for (int64_t gi = 0; gi < s.g; ++gi)
     for (int64_t mi = 0; mi < s.m; ++mi) {
@@ -168,16 +179,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           for (int64_t i = 0; i < s.h; ++i) {
             const float* in = pl + i * s.w;
             float* row = &tv[(i * nv * T + t) * kV];
-            float* acc = &l1[i * s.w];
-            int64_t j = 0;
-            for (int64_t jv = 0; jv < full; ++jv, j += kV) {
-              const v8 v = ld(in + j);
+            float* acc = &l1[i * s.wv];
+            for (int64_t jv = 0; jv < nv; ++jv) {
+              const int64_t j = jv * kV;
+              const v8 v = load_n(in + j, std::min(kV, s.w - j), i, s.h);
               st(row + jv * T * kV, v);
               st(acc + j, ld(acc + j) + (v > 0.f ? v : -v));
-            }
-            for (; j < s.w; ++j) {
-              row[(j / kV) * T * kV + j % kV] = in[j];
-              acc[j] += std::fabs(in[j]);
             }
           }
         }
@@ -188,7 +195,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
         forward_planes<K>(s, tv.data(), xs.data(), xf, dst.data());
       }
       float* sp = sd + (gi * s.m + mi) * s.hw;
-      for (int64_t p = 0; p < s.hw; ++p) sp[p] = 0.2f / (0.2f * l1[p] + 0.01f);
+      for (int64_t i = 0; i < s.h; ++i)
+        for (int64_t j = 0; j < s.w; ++j)
+          sp[i * s.w + j] = 0.2f / (0.2f * l1[i * s.wv + j] + 0.01f);
       for (int64_t c = 0; c < s.d; ++c)
         for (int64_t qi = 0; qi < s.q; ++qi) {
           float* o = od + s.plane(c, s.q, qi, gi, mi);
