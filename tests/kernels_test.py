@@ -36,15 +36,18 @@ def _rel(a, b):
 
 
 # Q = 1, 2, 5 (the kernels take 4 planes at a time), widths below and above a vector (8
-# floats; a row's last, partial vector is stored whole except on a plane's last row), one
-# row, several middle axes, every kernel size the kernels support, and grouped taps (S = 2:
-# one and two operators per group).
+# floats; a partial vector is loaded and stored whole where it fits in its plane), planes
+# narrower than half a vector (2 x 2, 3 x 3: the pooled sizes of small inputs), one row,
+# several middle axes, every kernel size the kernels support, and grouped taps (S = 2: one
+# and two operators per group).
 SHAPES = [
     ((3, 1, 2, 2, 6, 7), 3, 2),
     ((4, 5, 1, 2, 3, 9, 14), 5, 1),
     ((2, 2, 3, 1, 10, 17), 7, 1),
     ((2, 3, 4, 1, 6, 9), 5, 2),
     ((2, 2, 2, 3, 1, 11), 3, 1),
+    ((2, 2, 2, 3, 2, 2), 5, 1),
+    ((3, 1, 2, 2, 3, 3), 3, 2),
 ]
 
 

@@ -29,24 +29,25 @@ inline v8 ld(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void st(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 inline v8 zero() { return v8{0, 0, 0, 0, 0, 0, 0, 0}; }
 
-// Stores the first n (<= kV) lanes of v at dst, a position in row i of an [h, w] plane whose
-// rows are written in order: short of the last row, all kV lanes are stored (the extra ones
-// land on the next row, which is written later), one vector store instead of n scalar ones.
-inline void store_n(float* dst, v8 v, int64_t n, int64_t i, int64_t h) {
-  if (n == kV || i + 1 < h) {
-    st(dst, v);
+// Stores the first n (<= kV) lanes of v at position p of a plane of size hw (dst: the
+// plane's start) whose positions are written in increasing order: where all kV lanes fit in
+// the plane they are stored at once (the extra ones land on positions written later), one
+// vector store instead of n scalar ones.
+inline void store_n(float* dst, int64_t p, v8 v, int64_t n, int64_t hw) {
+  if (n == kV || p + kV <= hw) {
+    st(dst + p, v);
   } else {
-    for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
+    for (int64_t l = 0; l < n; ++l) dst[p + l] = v[l];
   }
 }
 
-// The first n (<= kV) lanes at p, p in row i of an [h, w] plane (the counterpart of
-// `store_n`): short of the last row, a whole vector, whose extra lanes hold the next row's
-// first values; on the last row the others are zero (nothing past the plane is read).
-inline v8 load_n(const float* p, int64_t n, int64_t i, int64_t h) {
-  if (n == kV || i + 1 < h) return ld(p);
+// The first n (<= kV) lanes at position p of a plane of size hw (the counterpart of
+// `store_n`): a whole vector where it fits in the plane (its extra lanes hold the next
+// positions' values), else the others zero (nothing past the plane is read).
+inline v8 load_n(const float* src, int64_t p, int64_t n, int64_t hw) {
+  if (n == kV || p + kV <= hw) return ld(src + p);
   v8 v = zero();
-  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  for (int64_t l = 0; l < n; ++l) v[l] = src[p + l];
   return v;
 }
 
@@ -132,7 +133,7 @@ void forward_rows(const Shape& s, const float* tv, const float* b, int64_t b_col
         }
       }
       const int64_t j = jv * kV, n = std::min(kV, s.w - j);
-      for (int q = 0; q < NQ; ++q) store_n(dst[q] + i * s.w + j, acc[q], n, i, s.h);
+      for (int q = 0; q < NQ; ++q) store_n(dst[q], i * s.w + j, acc[q], n, s.hw);
     }
 }
 
@@ -177,12 +178,11 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
         for (int64_t t = 0; t < T; ++t) {
           const float* pl = wd + s.tap(c, T, t, gi, mi);
           for (int64_t i = 0; i < s.h; ++i) {
-            const float* in = pl + i * s.w;
             float* row = &tv[(i * nv * T + t) * kV];
             float* acc = &l1[i * s.wv];
             for (int64_t jv = 0; jv < nv; ++jv) {
               const int64_t j = jv * kV;
-              const v8 v = load_n(in + j, std::min(kV, s.w - j), i, s.h);
+              const v8 v = load_n(pl, i * s.w + j, std::min(kV, s.w - j), s.hw);
               st(row + jv * T * kV, v);
               st(acc + j, ld(acc + j) + (v > 0.f ? v : -v));
             }
@@ -281,7 +281,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
                 for (int dj = 0; dj < K; ++dj) acc[dj] += gv * ld(xr + dj);
               }
               for (int dj = 0; dj < K; ++dj)
-                store_n(dst[di * K + dj] + i * s.w + j, acc[dj], n, i, s.h);
+                store_n(dst[di * K + dj], i * s.w + j, acc[dj], n, s.hw);
             }
           }
         for (int64_t t = 0; t < T; ++t)
