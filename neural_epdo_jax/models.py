@@ -185,8 +185,8 @@ class NeuralEPDONet(nn.Module):
                 )(x, train=train)
             if i in (1, 3):
                 x = layers.max_pool_2x2(x, channel_major=cm)
+        # [B, (F,) H, W(, F)]; elementwise maxima in inference only (see `layers.group_pool`)
         x = layers.group_pool(x, plan[-1].out_type, channel_major=cm, elementwise=not train)
-        # [B, (F,) H, W(, F)]
         x = jnp.max(x, axis=(2, 3) if cm else (1, 2)).astype(jnp.float32)  # [B, F]
         x = layers.TorchDense(64)(x)
         head = fields.FieldType(groups.Group(1), "trivial", 64)  # plain BatchNorm1d

@@ -217,7 +217,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 //     (i + u / K, j + u % K) of a frame padded by R;
 //   gw_t(p) = sum_q gs_q(p) x_q(p + off_t) + sign(w_t(p)) dl1(p), one tap row (K taps) per
 //     pass over q, then the L1 term in a separate pass (adding it as each vector is stored
-//     made the pass 1.3x slower).
+//     was not faster).
 template <int K>
 ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> gout,
