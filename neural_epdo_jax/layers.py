@@ -100,6 +100,11 @@ class PDOConv(nn.Module):
       max_order: highest derivative order.
       kernel_size: stencil size.
       dtype: computation dtype of the convolution (kernels are expanded in float32).
+      channel_major_out: return channel-major [B, d_out, F_out, H, W] (the Neural ePDO
+        layers' layout) instead of NHWC, computed as one product of the kernel with the
+        input's patches rather than a convolution and a transpose (CPU, R-gauss block 1:
+        XLA's transpose of the conv's output took 5% of an inference step). Meant for
+        inputs with few channels (the patches are kernel_size^2 times the input).
     """
 
     in_type: fields.FieldType
@@ -108,10 +113,11 @@ class PDOConv(nn.Module):
     max_order: int = 4
     kernel_size: int = 5
     dtype: Dtype = "float32"
+    channel_major_out: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, in_type.size] -> [B, H, W, out_type.size]."""
+        """[B, H, W, in_type.size] -> [B, H, W, out_type.size] (or channel-major)."""
         check_input(x, self.in_type, "PDOConv")
         group = self.in_type.group
         basis_np = bases.pdo_basis(
@@ -129,6 +135,8 @@ class PDOConv(nn.Module):
         )
         kernel = expand_pdo_kernel(w, basis_np)
         dt = _dtype(self.dtype)
+        if self.channel_major_out:
+            return _conv_channel_major(x.astype(dt), kernel.astype(dt), f_out, d_out)
         return jax.lax.conv_general_dilated(
             x.astype(dt),
             kernel.astype(dt),
@@ -136,6 +144,24 @@ class PDOConv(nn.Module):
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+
+
+def _conv_channel_major(x: jax.Array, kernel: jax.Array, f_out: int, d_out: int) -> jax.Array:
+    """The "SAME" convolution of NHWC x [B, H, W, C] with kernel [S, S, C, F_out * d_out],
+    returned channel-major [B, d_out, F_out, H, W]: the kernel (components first) times
+    the patches [B, S * S * C, H * W]."""
+    b, h, w, c = x.shape
+    size = kernel.shape[0]
+    pad = size // 2
+    xp = jnp.pad(x, ((0, 0), (pad, size - 1 - pad), (pad, size - 1 - pad), (0, 0)))
+    windows = [xp[:, i : i + h, j : j + w, :] for i in range(size) for j in range(size)]
+    patches = jnp.stack(windows, axis=1)  # [B, taps, H, W, C]
+    if c > 1:
+        patches = jnp.moveaxis(patches, -1, 2)
+    patches = patches.reshape(b, size * size * c, h * w)
+    k = kernel.reshape(size * size * c, f_out, d_out)
+    k = jnp.transpose(k, (2, 1, 0)).reshape(d_out * f_out, size * size * c)
+    return block_matmul(k, patches).reshape(b, d_out, f_out, h, w)
 
 
 def expand_pdo_kernel(weight: jax.Array, basis: np.ndarray) -> jax.Array:
@@ -883,6 +909,13 @@ def default_chunk(train: bool = True) -> int:
     if not train:
         return 1
     return 1 if jax.local_device_count() > 1 else 2
+
+
+def default_eval_chunk() -> int:
+    """Images per step of `models.NeuralEPDONet`'s inference loop when its ``eval_chunk`` is
+    None: on CPU a few (the activations of the whole network then stay in cache); elsewhere
+    0 (the whole batch at once)."""
+    return 8 if jax.default_backend() == "cpu" else 0
 
 
 class NeuralEPDO(nn.Module):

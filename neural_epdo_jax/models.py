@@ -38,14 +38,19 @@ class NeuralEPDONet(nn.Module):
     ``impl`` picks the Neural ePDO layers' computation ('fourier', the default, or 'dense':
     same parameters, same outputs up to round-off) and ``chunk`` how many images they
     process at a time (None: per backend and mode, `layers.default_chunk`); see
-    `layers.NeuralEPDO`. ``axis_name``: the data-parallel axis when the batch is split over
+    `layers.NeuralEPDO`. ``eval_chunk``: in inference (``train=False``) the whole network
+    runs on this many images at a time, a loop over the batch (its largest divisor up to
+    ``eval_chunk``), so that their activations stay in cache (None: `layers.default_eval_chunk`,
+    8 on CPU, the whole batch elsewhere; 0: the whole batch). Nothing couples the images in
+    inference, so the logits are the same. Not while initialising or capturing
+    intermediates. ``axis_name``: the data-parallel axis when the batch is split over
     devices (`parallel`): BatchNorm statistics and dropout masks are then those of the whole
     batch (training mode only; None for one device).
 
-    Layout: with ``impl='fourier'`` (and ``g != -1``) the activations from block 1's ReLU
+    Layout: with ``impl='fourier'`` (and ``g != -1``) the activations from block 1's conv
     on are channel-major, [B, d, F, H, W], the Neural ePDO layers' own layout; intermediates
-    captured with ``capture_intermediates`` are then in that layout (block 1's conv and BN
-    outputs, and everything of the other models, NHWC; `layers.to_nhwc` converts).
+    captured with ``capture_intermediates`` are then in that layout (everything of the other
+    models NHWC; `layers.to_nhwc` converts).
     """
 
     n: int = 16
@@ -64,6 +69,7 @@ class NeuralEPDONet(nn.Module):
     dtype: str = "float32"
     impl: str = "fourier"
     chunk: int | None = None
+    eval_chunk: int | None = None
     axis_name: str | None = None
 
     def __post_init__(self):
@@ -112,7 +118,6 @@ class NeuralEPDONet(nn.Module):
             plan.append(BlockPlan(t_in, t_out, t_norm, restrict))
         return tuple(plan)
 
-    @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         """[B, H, W, 1] images -> [B, num_classes] float32 logits (invariant).
 
@@ -130,10 +135,42 @@ class NeuralEPDONet(nn.Module):
                 "inputs with a side divisible by 4 (two 2x2 poolings).",
                 stacklevel=2,
             )
+        n = self._inference_chunk(x.shape[0]) if not train else 0
+        if n:
+            # Inference: nothing couples the images (running statistics, no dropout), so the
+            # whole network runs on n images at a time and their activations stay in cache.
+            b = x.shape[0]
+            body = nn.scan(
+                lambda mdl, carry, xc: (
+                    carry,
+                    mdl._forward(xc, train=False, mask=None, chunk=self.chunk),
+                ),
+                variable_broadcast=["params", "batch_stats"],
+                split_rngs={"params": False},
+            )
+            _, logits = body(self, None, x.reshape((b // n, n) + x.shape[1:]))
+            return logits.reshape(b, -1)
+        return self._forward(x, train=train, mask=mask, chunk=self.chunk)
+
+    def _inference_chunk(self, batch: int) -> int:
+        """Images per step of the inference loop (0: none): ``eval_chunk``'s largest divisor of
+        the batch; none while initialising or capturing intermediates (whose layout the loop
+        would change)."""
+        n = layers.default_eval_chunk() if self.eval_chunk is None else self.eval_chunk
+        if n <= 0 or batch <= n or self.is_initializing():
+            return 0
+        if self.is_mutable_collection("intermediates"):
+            return 0
+        return max(c for c in range(1, n + 1) if batch % c == 0)
+
+    @nn.compact
+    def _forward(
+        self, x: jax.Array, *, train: bool, mask: jax.Array | None, chunk: int | None
+    ) -> jax.Array:
         dt = self.dtype
         common = dict(discretisation=self.discretisation, kernel_size=self.kernel_size, dtype=dt)
         plan = self.plan()
-        chunk = self.chunk if self.chunk is not None or train else layers.default_chunk(False)
+        chunk = chunk if chunk is not None or train else layers.default_chunk(False)
         x = x.astype(jnp.dtype(dt))
         # Between Neural ePDO blocks the activations stay channel-major, [B, d, F, H, W]:
         # the layers' own layout, so no block transposes its input or output (R-gauss
@@ -146,7 +183,13 @@ class NeuralEPDONet(nn.Module):
 
             def conv_norm_relu(_module, x, mask, i=i, blk=blk):  # (nn.remat's signature)
                 if i == 0 or self.g == -1:
-                    conv = layers.PDOConv(blk.in_type, blk.out_type, max_order=self.order, **common)
+                    conv = layers.PDOConv(
+                        blk.in_type,
+                        blk.out_type,
+                        max_order=self.order,
+                        channel_major_out=cm,
+                        **common,
+                    )
                 else:
                     conv = layers.NeuralEPDO(
                         blk.in_type,
@@ -160,16 +203,11 @@ class NeuralEPDONet(nn.Module):
                         channel_major=cm,
                         **common,
                     )
-                x = conv(x)
-                # Block 1 (a linear ePDO conv, NHWC) normalises in NHWC and hands on the
-                # ReLU's output channel-major: one transpose, and no transposed copy of the
-                # conv's output kept for the backward pass (R-gauss: 18 MiB less per device).
-                bn_cm = cm and i > 0
+                x = conv(x)  # channel-major with cm (block 1 too: `layers.PDOConv`)
                 bn = layers.FieldBatchNorm(
-                    blk.norm_type, axis_name=self.axis_name, channel_major=bn_cm
+                    blk.norm_type, axis_name=self.axis_name, channel_major=cm
                 )
-                x = nn.relu(bn(x, train=train, mask=mask))
-                return layers.to_channel_major(x, blk.out_type) if cm and i == 0 else x
+                return nn.relu(bn(x, train=train, mask=mask))
 
             # Block 1 (one input channel: a cheap conv) is recomputed in the backward pass
             # rather than keeping its conv's output, the size of its ReLU's (R-gauss: 25 MB

@@ -15,7 +15,17 @@ from absl.testing import absltest
 from ml_collections import config_flags
 
 from configs import test as test_config
-from neural_epdo_jax import bases, export, fields, groups, models, stencils, testing, training
+from neural_epdo_jax import (
+    bases,
+    export,
+    fields,
+    groups,
+    layers,
+    models,
+    stencils,
+    testing,
+    training,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 O0 = {"xla_backend_optimization_level": 0}  # one-off compiles: compile time dominates
@@ -168,8 +178,8 @@ class CustomGroupFieldsKernelTest(absltest.TestCase):
             logits, state = model.apply(
                 variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
             )
-            # Block 1 normalises in NHWC (channel-major from its ReLU's output on).
-            block1 = state["intermediates"]["FieldBatchNorm_0"]["__call__"][0]
+            # Channel-major from block 1's conv on: back to NHWC for the field type.
+            block1 = layers.to_nhwc(state["intermediates"]["FieldBatchNorm_0"]["__call__"][0])
             return logits, frozen.fn(frozen.arrays, x), block1
 
         trivial = fields.FieldType(groups.Group(8), "trivial", 1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from neural_epdo_jax import fields, groups, layers, testing
+from neural_epdo_jax import bases, fields, groups, layers, testing
 
 C4, C8, D4 = groups.Group(4), groups.Group(8), groups.Group(4, True)
 KEY = jax.random.PRNGKey(0)
@@ -185,6 +185,32 @@ def test_batch_norm_mask_keeps_padding_out_of_the_statistics(shape):
 
 
 _cm = layers.to_channel_major
+
+
+def test_pdo_conv_channel_major_output_matches_nhwc():
+    """`PDOConv(channel_major_out=True)` (a product with the input's patches) gives the NHWC
+    convolution's output, and its gradients, channel-major: block 1's case (one trivial
+    input channel, an even-sized and an odd-sized plane) and several input channels; a
+    kernel with its taps mirrored does not."""
+    t_in1 = fields.FieldType(C4, "trivial", 1)
+    t_in3 = fields.FieldType(C4, "regular+quo_2", 2)
+    t_out = fields.FieldType(C4, "regular+quo_2", 3)
+    for t_in, hw in ((t_in1, (8, 8)), (t_in1, (7, 9)), (t_in3, (6, 5))):
+        x = jax.random.normal(KEY, (2, *hw, t_in.size))
+        conv = layers.PDOConv(t_in, t_out, discretisation="gauss")
+        conv_cm = layers.PDOConv(t_in, t_out, discretisation="gauss", channel_major_out=True)
+        v = conv.init(KEY, x)
+        r = jax.random.normal(jax.random.PRNGKey(3), (2, t_out.field_size, 3, *hw))
+        want = lambda v, x: _cm(conv.apply(v, x), t_out)  # noqa: B023 (used at once)
+        np.testing.assert_allclose(conv_cm.apply(v, x), want(v, x), rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(
+            jax.vjp(conv_cm.apply, v, x)[1](r), jax.vjp(want, v, x)[1](r), rtol=1e-4, atol=1e-4
+        )
+    # Control: the same weights applied with the taps mirrored (a slip in the patches).
+    basis = bases.pdo_basis(C4, t_in.unit, t_out.unit, "gauss", 4, 5)
+    kernel = layers.expand_pdo_kernel(v["params"]["weight"], basis)
+    mirrored = layers._conv_channel_major(x, kernel[::-1], 3, t_out.field_size)
+    assert np.max(np.abs(mirrored - conv_cm.apply(v, x))) > 1e-2
 
 
 def test_channel_major_layers_match_nhwc():

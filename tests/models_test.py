@@ -101,6 +101,36 @@ def _images(batch=3, seed=0):
     return jnp.asarray(np.clip(imgs, 0, 1))
 
 
+@pytest.mark.parametrize("name", ["R-gauss", "D-gauss"])
+def test_inference_loop_over_images_gives_the_batch_logits(name):
+    """In inference the network runs on ``eval_chunk`` images at a time (a loop over the
+    batch: the largest divisor of it up to eval_chunk): the same logits as the whole batch
+    at once; a batch of at most eval_chunk images runs unlooped."""
+    _, _, v = _setup(name)
+    x = _images(batch=6, seed=3)
+    whole = models.NeuralEPDONet(**SMALL[name], eval_chunk=0)
+
+    def run(m, x):
+        return jax.jit(functools.partial(m.apply, train=False))(v, x)
+
+    def top_level_scans(m, x):  # the lengths of the loops at the jaxpr's top level
+        jaxpr = jax.make_jaxpr(functools.partial(m.apply, train=False))(v, x)
+        return [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"]
+
+    for eval_chunk, batch, steps in ((2, 6, 3), (4, 6, 2), (4, 5, 5)):
+        looped = models.NeuralEPDONet(**SMALL[name], eval_chunk=eval_chunk)
+        np.testing.assert_allclose(
+            run(looped, x[:batch]), run(whole, x[:batch]), rtol=1e-5, atol=1e-6
+        )
+        assert top_level_scans(looped, x[:batch]) == [steps]
+    # Unlooped: whole batch at once (the layers' own loops, if any, go over single images).
+    for m in (whole, models.NeuralEPDONet(**SMALL[name], eval_chunk=6)):
+        assert all(n == 6 for n in top_level_scans(m, x))
+    # Control: the logits do depend on the image (a loop mixing images up would show).
+    want = run(whole, x)
+    assert np.max(np.abs(want - want[::-1])) > 1e-3
+
+
 class InvarianceTest(chex.TestCase, parameterized.TestCase):
     @chex.variants(with_jit=True)
     @parameterized.named_parameters(*[(k, k) for k in SMALL])
