@@ -47,10 +47,11 @@ class NeuralEPDONet(nn.Module):
     devices (`parallel`): BatchNorm statistics and dropout masks are then those of the whole
     batch (training mode only; None for one device).
 
-    Layout: with ``impl='fourier'`` (and ``g != -1``) the activations from block 1's conv
-    on are channel-major, [B, d, F, H, W], the Neural ePDO layers' own layout; intermediates
-    captured with ``capture_intermediates`` are then in that layout (everything of the other
-    models NHWC; `layers.to_nhwc` converts).
+    Layout: with ``impl='fourier'`` (and ``g != -1``) the activations are channel-major,
+    [B, d, F, H, W], the Neural ePDO layers' own layout, from block 1's conv on in inference
+    and from its ReLU on in training; intermediates captured with ``capture_intermediates``
+    are then in that layout (everything of the other models NHWC; `layers.to_nhwc`
+    converts).
     """
 
     n: int = 16
@@ -181,13 +182,20 @@ class NeuralEPDONet(nn.Module):
             if blk.restrict_before:
                 x, _ = layers.restrict_dihedral(x, plan[i - 1].out_type, channel_major=cm)
 
-            def conv_norm_relu(_module, x, mask, i=i, blk=blk):  # (nn.remat's signature)
+            # Block 1 (a linear ePDO conv) goes channel-major at its conv's output in inference
+            # (the input's patches times the kernel: no transpose), but in training after its
+            # ReLU (one transpose): there the conv's output channel-major raised XLA's
+            # temporaries by 27 MiB per device (R-gauss, batch 32) for no speed.
+            cm_from_conv = cm and (i > 0 or not train)
+
+            def conv_norm_relu(_module, x, mask, i=i, blk=blk, cm_from_conv=cm_from_conv):
+                # (nn.remat's signature)
                 if i == 0 or self.g == -1:
                     conv = layers.PDOConv(
                         blk.in_type,
                         blk.out_type,
                         max_order=self.order,
-                        channel_major_out=cm,
+                        channel_major_out=cm_from_conv,
                         **common,
                     )
                 else:
@@ -203,11 +211,12 @@ class NeuralEPDONet(nn.Module):
                         channel_major=cm,
                         **common,
                     )
-                x = conv(x)  # channel-major with cm (block 1 too: `layers.PDOConv`)
+                x = conv(x)
                 bn = layers.FieldBatchNorm(
-                    blk.norm_type, axis_name=self.axis_name, channel_major=cm
+                    blk.norm_type, axis_name=self.axis_name, channel_major=cm_from_conv
                 )
-                return nn.relu(bn(x, train=train, mask=mask))
+                x = nn.relu(bn(x, train=train, mask=mask))
+                return layers.to_channel_major(x, blk.out_type) if cm != cm_from_conv else x
 
             # Block 1 (one input channel: a cheap conv) is recomputed in the backward pass
             # rather than keeping its conv's output, the size of its ReLU's (R-gauss: 25 MB
