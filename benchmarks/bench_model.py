@@ -6,23 +6,21 @@
 
 Each variant runs in a fresh subprocess (so its peak RSS is its own) that builds the bases,
 initialises the model (jitted, on one small input), compiles the training step
-(``training.train_step``: forward + backward + Adam update, no augmentation) and the eval
-step, times ``--steps`` steps after one warm-up step each and reports medians. Like train.py
-it splits a CPU host into one JAX device per core and runs the steps data-parallel
+(``training.train_step``: forward + backward + Adam update, no augmentation) and the eval step,
+times ``--steps`` steps after one warm-up step each and reports medians. Like train.py it
+splits a CPU host into one JAX device per core and runs the steps data-parallel
 (``--cpu_devices=1``: one device). "GFLOP/s" is XLA's cost analysis of the straightforward
-formulation of the step (``impl='dense'``, expanded kernels; lowered with ``chunk=0`` because
-XLA counts a loop body once; in brackets the formulation that runs) divided by the median
-step time, next to
-the rate of one large float32 matmul measured in the same subprocess afterwards: the fraction
-shows how far the step is from the machine's dense-matmul speed. Peak RSS is VmHWM after
-training (train) and after evaluation (+eval); after each compilation the benchmark, like
-train.py, returns the compiler's freed heap to the OS (`training.release_free_memory`).
-Timings on a shared machine are noisy: the load average is printed with the table. The
-persistent compilation cache is off in the subprocesses, so compile times and peaks are cold.
-On CPU the Neural ePDO layers use the fused C++ kernel of `neural_epdo_jax.kernels`;
-``NEURAL_EPDO_JAX_CPU_KERNELS=0 python benchmarks/bench_model.py`` measures the XLA
-formulation instead.
-"""
+formulation of the step (``impl='dense'``, expanded kernels; lowered with ``chunk=0`` and
+``eval_chunk=0`` because XLA counts a loop body once; in brackets the formulation that runs)
+divided by the median step time, next to the rate of one large float32 matmul measured in the
+same subprocess afterwards: the fraction shows how far the step is from the machine's
+dense-matmul speed. Peak RSS is VmHWM after training (train) and after evaluation (+eval);
+after each compilation the benchmark, like train.py, returns the compiler's freed heap to the
+OS (`training.release_free_memory`). Timings on a shared machine are noisy: the load average is
+printed with the table. The persistent compilation cache is off in the subprocesses, so compile
+times and peaks are cold. On CPU the Neural ePDO layers use the fused C++ kernel of
+`neural_epdo_jax.kernels`; ``NEURAL_EPDO_JAX_CPU_KERNELS=0 python benchmarks/bench_model.py``
+measures the XLA formulation instead."""
 
 from __future__ import annotations
 
@@ -127,8 +125,8 @@ def run_child(name: str) -> dict:
     # both come from the step lowered (not compiled) on one device with the whole batch at
     # once (chunk=0; same parameters, same math).
     flops_models = {
-        "train_flops": models.NeuralEPDONet(**dict(kwargs, impl="dense", chunk=0)),
-        "train_flops_run": models.NeuralEPDONet(**dict(kwargs, chunk=0)),
+        "train_flops": models.NeuralEPDONet(**dict(kwargs, impl="dense", chunk=0, eval_chunk=0)),
+        "train_flops_run": models.NeuralEPDONet(**dict(kwargs, chunk=0, eval_chunk=0)),
     }
 
     # train.py's optimizer (configs/default.py's settings; flat Adam state).
@@ -197,8 +195,9 @@ def run_child(name: str) -> dict:
         training.release_free_memory()
         run_eval = lambda: jax.block_until_ready(ecompiled(holder["state"], ebatch))
         run_eval()
-        etimes = _time_steps(run_eval, max(2, _STEPS.value // 2))
+        etimes = _time_steps(run_eval, max(2, _STEPS.value))
         res["eval_step_s"] = statistics.median(etimes)
+        res["eval_step_all_s"] = etimes
         res["eval_img_s"] = _EVAL_BATCH.value / res["eval_step_s"]
         res["rss_eval_mb"] = _vm_hwm_mb()
     # After the peak-RSS readings: lowering the straightforward formulation has its own.

@@ -18,7 +18,8 @@ s), 0.9480, 0.9500 (flat Adam, 87-90 img/s on a slower day, 6 min 52 s with a co
 0.9440 (channel-major activations, the same day: 96-109 img/s, 6 min 2 s, cold), 0.9390
 (best 0.9420 at epoch 7; memory-optimised scheduler, block 1 recomputed, evaluation at one
 image per chunk: 104-121 img/s, 5 min 45 s, cold), 0.9450 (grouped generator, kernel rows
-in whole vectors: 136-146 img/s after the first epoch, 4 min 43 s, cold) and 0.9530
+in whole vectors: 136-146 img/s after the first epoch, 4 min 43 s, cold), 0.9450 (inference
+a few images at a time, on a slower afternoon: 96-142 img/s, 5 min 0 s, cold) and 0.9530
 (twice, on the Intel machine of 2026-11-27 without the kernel, 58-69 img/s, 9.5-10.5 min).
 An earlier one-device tree (0.9530): `--config.num_epochs=10` reached 0.9550 (best 0.9560 at
 epoch 9) in 12 min 46 s; moving the drop earlier, `--config.lr_boundaries_epochs='(7,)'`,

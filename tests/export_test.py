@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,7 @@ class SaveTest(absltest.TestCase):
     def test_save_reload_in_a_fresh_process_without_the_package(self):
         _, x, frozen, _, fn = variant("D-gauss")
         tmp = tempfile.mkdtemp(prefix="export_test_")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
         want = fn(frozen.arrays, x)
         exported = export.save(frozen, os.path.join(tmp, "model.jax"))  # symbolic batch
         self.assertEqual(str(exported.in_avals[0].shape[0]), "batch")
