@@ -142,16 +142,13 @@ class NeuralEPDONet(nn.Module):
             # whole network runs on n images at a time and their activations stay in cache.
             b = x.shape[0]
             body = nn.scan(
-                lambda mdl, carry, xc: (
-                    carry,
-                    mdl._forward(xc, train=False, mask=None, chunk=self.chunk),
-                ),
+                lambda mdl, carry, xc: (carry, mdl._forward(xc, train=False, mask=None)),
                 variable_broadcast=["params", "batch_stats"],
                 split_rngs={"params": False},
             )
             _, logits = body(self, None, x.reshape((b // n, n) + x.shape[1:]))
             return logits.reshape(b, -1)
-        return self._forward(x, train=train, mask=mask, chunk=self.chunk)
+        return self._forward(x, train=train, mask=mask)
 
     def _inference_chunk(self, batch: int) -> int:
         """Images per step of the inference loop (0: none): ``eval_chunk``'s largest divisor of
@@ -165,13 +162,11 @@ class NeuralEPDONet(nn.Module):
         return max(c for c in range(1, n + 1) if batch % c == 0)
 
     @nn.compact
-    def _forward(
-        self, x: jax.Array, *, train: bool, mask: jax.Array | None, chunk: int | None
-    ) -> jax.Array:
+    def _forward(self, x: jax.Array, *, train: bool, mask: jax.Array | None) -> jax.Array:
         dt = self.dtype
         common = dict(discretisation=self.discretisation, kernel_size=self.kernel_size, dtype=dt)
         plan = self.plan()
-        chunk = chunk if chunk is not None or train else layers.default_chunk(False)
+        chunk = self.chunk if self.chunk is not None or train else layers.default_chunk(False)
         x = x.astype(jnp.dtype(dt))
         # Between Neural ePDO blocks the activations stay channel-major, [B, d, F, H, W]:
         # the layers' own layout, so no block transposes its input or output (R-gauss
