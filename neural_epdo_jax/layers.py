@@ -474,8 +474,11 @@ def generator_blocks(
     return fourier, dense
 
 
-def generator_taps_cm(h: jax.Array, fourier, dense, plan: _GeneratorPlan) -> jax.Array:
-    """The generator's taps [s, d_unit, taps, g / s, N] (operator j g / s + o at (j, o)) from
+def generator_taps_cm(h: jax.Array, fourier, dense, plan: _GeneratorPlan) -> tuple[jax.Array, ...]:
+    """The generator's taps [s, d_unit, taps, g / s, N] (operator j g / s + o at (j, o)), as
+    parts [s, d_i, taps, g / s, N] that split the component axis in order (one per regular
+    block of the unit and per run of other blocks; `normalised_apply` takes them as they
+    are, so they are never concatenated), from
     hidden regular fields h [s, |G|, M / s, N] (CM, grouped: `group_major`): Fourier block
     products into the untwisted coefficients, one inverse transform, one small matrix per
     component to taps (`bases.GeneratorFourier`); other blocks dense. Each group is one
@@ -507,7 +510,7 @@ def generator_taps_cm(h: jax.Array, fourier, dense, plan: _GeneratorPlan) -> jax
             parts.append((off, rest[:, start : start + dim]))
             start += dim
     parts.sort(key=lambda item: item[0])
-    return jnp.concatenate([p for _, p in parts], axis=1) if len(parts) > 1 else parts[0][1]
+    return tuple(p for _, p in parts)
 
 
 class GeneratorLinear(nn.Module):
@@ -555,7 +558,7 @@ class GeneratorLinear(nn.Module):
         fourier, dense = generator_blocks(w, plan)
         order = self.hidden_type.group.order
         hg = group_major(to_cm(h.astype(dt), order), self.groups)
-        taps = generator_taps_cm(hg, fourier, dense, plan)
+        taps = jnp.concatenate(generator_taps_cm(hg, fourier, dense, plan), axis=1)
         # [s, d, taps, g / s, P] -> [P, g, d, taps]
         out = jnp.transpose(taps, (4, 0, 3, 1, 2))
         return out.reshape(h.shape[:-1] + (-1,))
@@ -781,8 +784,21 @@ def _taps_by_group(w: jax.Array, s: int) -> jax.Array:
     return jnp.moveaxis(w.reshape((d, t, s, g // s) + w.shape[3:]), 2, 0)
 
 
+def _join_taps(w) -> jax.Array:
+    """Taps given as parts of the component axis (a tuple, see `normalised_apply`) as one
+    array."""
+    return jnp.concatenate(w, axis=1) if isinstance(w, tuple) else w
+
+
+def _split_taps(gw: jax.Array, w):
+    """The inverse of `_join_taps` (for the taps' gradient): parts shaped like ``w``'s."""
+    if not isinstance(w, tuple):
+        return gw
+    return tuple(jnp.split(gw, np.cumsum([p.shape[1] for p in w])[:-1].tolist(), axis=1))
+
+
 def _normalised_apply_fwd_impl(x, w, k):
-    w = _taps_by_operator(w)
+    w = _taps_by_operator(_join_taps(w))
     scale = 0.2 / (0.2 * _taps_l1(w) + 0.01)  # [g, ...]
     return _raw_apply(x, w, k) * scale[None, None].astype(x.dtype), scale
 
@@ -799,7 +815,10 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
       w: [S, d, kernel_size^2, g / S, ..., H, W] the raw taps (tap = row * size + col) of the
         g operators, operator ``j * g / S + l`` at ``(j, l)``: the layout in which the grouped
         generator (S groups, `generator_taps_cm`) produces them; S = 1 is plain
-        ``w[None]`` for taps [d, T, g, ...].
+        ``w[None]`` for taps [d, T, g, ...]. Or a tuple of parts [S, d_i, ...] that split
+        the component axis in order (d = d_0 + d_1 + ...: the generator's output for mixed
+        field types); the kernel reads them in place and the gradient comes as parts too
+        (the XLA formulation concatenates them).
     Returns:
       [d, Q, g, ..., H, W].
 
@@ -809,17 +828,23 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
     available (same formulas; the XLA formulation below otherwise).
     """
     k = kernel_size
+    if isinstance(w, (tuple, list)):
+        w = tuple(w) if len(w) > 1 else w[0]
+    parts = w if isinstance(w, tuple) else (w,)
+    w0 = parts[0]
     if (
         x.ndim < 5
-        or w.ndim != x.ndim + 1
-        or w.shape[1:3] != (x.shape[0], k * k)
-        or w.shape[0] * w.shape[3] != x.shape[2]
-        or w.shape[4:] != x.shape[3:]
+        or any(p.ndim != x.ndim + 1 for p in parts)
+        or any(p.shape[:1] + p.shape[2:] != w0.shape[:1] + w0.shape[2:] for p in parts)
+        or sum(p.shape[1] for p in parts) != x.shape[0]
+        or w0.shape[2] != k * k
+        or w0.shape[0] * w0.shape[3] != x.shape[2]
+        or w0.shape[4:] != x.shape[3:]
     ):
         raise ValueError(
             f"normalised_apply: x {tuple(x.shape)} must be [d, Q, g, ..., H, W] and the taps "
-            f"{tuple(w.shape)} [S, d, {k * k}, g / S, ..., H, W] with the same d, g and "
-            "trailing axes."
+            f"{[tuple(p.shape) for p in parts]} [S, d, {k * k}, g / S, ..., H, W] (or parts "
+            "[S, d_i, ...] with d_0 + d_1 + ... = d) with the same d, g and trailing axes."
         )
     return _normalised_apply(x, w, k)
 
@@ -844,9 +869,9 @@ def _na_bwd(k, res, g):
     return _na_bwd_xla(k, x, w, scale, g)
 
 
-def _na_bwd_xla(k, x, w, scale, g):
-    groups = w.shape[0]
-    w = _taps_by_operator(w)
+def _na_bwd_xla(k, x, w_in, scale, g):
+    groups = _join_taps(w_in).shape[0]
+    w = _taps_by_operator(_join_taps(w_in))
     h, wd, c = x.shape[-2], x.shape[-1], k // 2
     q = x.shape[1]
     gs = g * scale[None, None].astype(g.dtype)
@@ -876,7 +901,7 @@ def _na_bwd_xla(k, x, w, scale, g):
     dot = _tree_sum(_f32(_mul(_take(w, t), _take(gw_scaled, t))) for t in range(k * k))
     dl1 = -scale * jnp.sum(dot, axis=0)
     gw = gw_scaled + jnp.sign(w) * dl1[None, None].astype(w.dtype)
-    return gx.astype(x.dtype), _taps_by_group(gw.astype(w.dtype), groups)
+    return gx.astype(x.dtype), _split_taps(_taps_by_group(gw.astype(w.dtype), groups), w_in)
 
 
 _normalised_apply.defvjp(_na_fwd, _na_bwd)
@@ -1065,8 +1090,10 @@ class NeuralEPDO(nn.Module):
             h = apply_linear_cm(xc.reshape(d_in, f_in, -1), blocks_h, phi_in, phi_h)
             h = _group_norm_relu_cm(h.reshape(order, m, n, hh * ww), norm)
             hg = group_major(h.reshape(order, m, -1), self.s)
-            taps = generator_taps_cm(hg, gen_fourier, gen_dense, plan)
-            taps = taps.reshape(self.s, d_in, k * k, self.g // self.s, n, hh, ww)
+            taps = tuple(
+                p.reshape(self.s, p.shape[1], k * k, self.g // self.s, n, hh, ww)
+                for p in generator_taps_cm(hg, gen_fourier, gen_dense, plan)
+            )
             out = normalised_apply(xc.reshape(d_in, q, self.g, n, hh, ww), taps, k)
             y = apply_linear_cm(out.reshape(d_in, f_in, -1), blocks_o, phi_in, phi_out)
             return y.reshape(d_out, f_out, n, hh, ww)

@@ -3,6 +3,7 @@
 The whole network with the kernels (the default on CPU) is compared with the straightforward
 formulation in perf_equivalence_test.py, and its equivariance is tested in models_test.py."""
 
+import contextlib
 import functools
 
 import jax
@@ -72,6 +73,43 @@ def test_kernels_match_xla_formulation(shape, k, groups):
         swapped = jnp.moveaxis(w, 0, 3).reshape((1,) + w.shape[1:3] + (-1,) + w.shape[4:])
         bad, _ = kernels.normalised_apply_fwd(x, swapped, k)
         assert _rel(want_out, bad) > 1e-2
+
+
+@pytest.mark.parametrize("sizes, groups", [((3, 2), 2), ((1, 2, 2), 1)])
+def test_taps_in_parts_match_the_whole(sizes, groups):
+    """Taps given as parts of the component axis (the generator's output for mixed field
+    types; read in place, never concatenated): the kernels and `layers.normalised_apply`, on
+    both paths, give the outputs and gradients of the whole array, the gradient in parts."""
+    k = 5
+    x, w, g = _operands((sum(sizes), 2, 2, 1, 6, 9), k, seed=4, groups=groups)
+    parts = tuple(jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=1))
+    out, scale = kernels.normalised_apply_fwd(x, parts, k)
+    want_out, want_scale = kernels.normalised_apply_fwd(x, w, k)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(scale, want_scale)
+    gx, gw = kernels.normalised_apply_bwd(x, parts, scale, out, g, k)
+    want_gx, want_gw = kernels.normalised_apply_bwd(x, w, scale, out, g, k)
+    assert isinstance(gw, tuple) and [p.shape for p in gw] == [p.shape for p in parts]
+    np.testing.assert_array_equal(gx, want_gx)
+    np.testing.assert_array_equal(jnp.concatenate(gw, axis=1), want_gw)
+
+    def loss(x, w):
+        return jnp.sum(layers.normalised_apply(x, w, k) * g)
+
+    want = jax.grad(loss, (0, 1))(x, w)
+    for use_kernel in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not use_kernel:
+                stack.enter_context(kernels.disabled())
+            got_x, got_w = jax.jit(jax.grad(loss, (0, 1)))(x, parts)
+        assert isinstance(got_w, tuple) and len(got_w) == len(sizes)
+        assert _rel(want[0], got_x) < 1e-5
+        assert _rel(want[1], jnp.concatenate(got_w, axis=1)) < 1e-5
+    # Negative control: the parts in the wrong order.
+    bad, _ = kernels.normalised_apply_fwd(x, parts[::-1], k)
+    assert _rel(want_out, bad) > 1e-2
+    with pytest.raises(ValueError, match="d_0 \\+ d_1"):
+        layers.normalised_apply(x, parts[1:], k)
 
 
 def test_normalised_apply_rejects_mismatched_taps():

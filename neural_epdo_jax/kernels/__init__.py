@@ -147,62 +147,76 @@ def disabled():
         _DISABLED[0] -= 1
 
 
-def use_for(x: jax.Array, w: jax.Array, kernel_size: int) -> bool:
-    """Whether `layers.normalised_apply` should call the kernels for these operands: float32,
-    a supported kernel size, the CPU backend, and the kernels available (decided when the
-    caller is traced)."""
+def use_for(x: jax.Array, w, kernel_size: int) -> bool:
+    """Whether `layers.normalised_apply` should call the kernels for these operands (``w``: the
+    taps, or a sequence of their parts): float32, a supported kernel size, the CPU backend,
+    and the kernels available (decided when the caller is traced)."""
     return (
         not _DISABLED[0]
         and x.dtype == jnp.float32
-        and w.dtype == jnp.float32
+        and all(p.dtype == jnp.float32 for p in _parts(w))
         and kernel_size in KERNEL_SIZES
         and jax.default_backend() == "cpu"
         and available()
     )
 
 
-def _as_6d(a: jax.Array) -> jax.Array:
-    """[d, P, g, ..., H, W] -> [d, P, g, M, H, W] (M: the product of the middle axes)."""
-    return a.reshape(a.shape[:3] + (-1,) + a.shape[-2:])
+def _as_4d(a: jax.Array) -> jax.Array:
+    """[d, P, g, ..., H, W] -> [d, P, g, M * H * W]: the kernels' operand (H and W are passed as
+    attributes; with size-1 axes in the 6-D form, XLA copied x into a layout of its own)."""
+    return a.reshape(a.shape[:3] + (-1,))
 
 
-def _taps_7d(w: jax.Array) -> jax.Array:
-    """[S, d, T, g / S, ..., H, W] -> [S, d, T, g / S, M, H, W]."""
-    return w.reshape(w.shape[:4] + (-1,) + w.shape[-2:])
+def _taps_3d(w: jax.Array) -> jax.Array:
+    """[S, d, T, g / S, ..., H, W] -> [S, d, T * g / S * ... * H * W]: the kernels' operand (with
+    size-1 axes in the 7-D form, XLA copied the taps into a layout of its own)."""
+    return w.reshape(w.shape[:2] + (-1,))
 
 
-def normalised_apply_fwd(x: jax.Array, w: jax.Array, kernel_size: int):
+def _attributes(x: jax.Array, kernel_size: int) -> dict:
+    return dict(
+        kernel_size=np.int64(kernel_size), height=np.int64(x.shape[-2]), width=np.int64(x.shape[-1])
+    )
+
+
+def _parts(w) -> tuple[jax.Array, ...]:
+    return tuple(w) if isinstance(w, (tuple, list)) else (w,)
+
+
+def normalised_apply_fwd(x: jax.Array, w, kernel_size: int):
     """(out [d, Q, g, ..., H, W], scale [g, ..., H, W]) from x [d, Q, g, ..., H, W] and the raw
-    taps w [S, d, kernel_size^2, g / S, ..., H, W] (see `layers.normalised_apply`)."""
-    x6 = _as_6d(x)
+    taps w [S, d, kernel_size^2, g / S, ..., H, W], or a sequence of parts [S, d_i, ...] that
+    split the component axis (read in place: no concatenation; see
+    `layers.normalised_apply`)."""
+    x4 = _as_4d(x)
     out, scale = jax.ffi.ffi_call(
         _FWD,
         (
-            jax.ShapeDtypeStruct(x6.shape, jnp.float32),
-            jax.ShapeDtypeStruct(x6.shape[2:], jnp.float32),
+            jax.ShapeDtypeStruct(x4.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x4.shape[2:], jnp.float32),
         ),
         vmap_method="sequential",
-    )(x6, _taps_7d(w), kernel_size=np.int64(kernel_size))
+    )(x4, *(_taps_3d(p) for p in _parts(w)), **_attributes(x, kernel_size))
     return out.reshape(x.shape), scale.reshape(x.shape[2:])
 
 
 def normalised_apply_bwd(x, w, scale, out, g, kernel_size: int):
-    """Cotangents (of x, of w) of `normalised_apply_fwd`'s ``out`` (and ``scale``) given the
-    cotangent g of out."""
-    x6, w7 = _as_6d(x), _taps_7d(w)
-    gx, gw = jax.ffi.ffi_call(
+    """Cotangents (of x, of w: like w, an array or a tuple of parts) of
+    `normalised_apply_fwd`'s ``out`` (and ``scale``) given the cotangent g of out."""
+    x4, parts = _as_4d(x), _parts(w)
+    w3 = [_taps_3d(p) for p in parts]
+    gx, *gw = jax.ffi.ffi_call(
         _BWD,
-        (
-            jax.ShapeDtypeStruct(x6.shape, jnp.float32),
-            jax.ShapeDtypeStruct(w7.shape, jnp.float32),
-        ),
+        (jax.ShapeDtypeStruct(x4.shape, jnp.float32),)
+        + tuple(jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in w3),
         vmap_method="sequential",
     )(
-        x6,
-        w7,
-        scale.reshape(x6.shape[2:]),
-        _as_6d(out),
-        _as_6d(g),
-        kernel_size=np.int64(kernel_size),
+        x4,
+        scale.reshape(x4.shape[2:]),
+        _as_4d(out),
+        _as_4d(g),
+        *w3,
+        **_attributes(x, kernel_size),
     )
-    return gx.reshape(x.shape), gw.reshape(w.shape)
+    gw = tuple(gp.reshape(p.shape) for gp, p in zip(gw, parts))
+    return gx.reshape(x.shape), gw if isinstance(w, (tuple, list)) else gw[0]

@@ -6,6 +6,12 @@
 // Arrays are channel-major planes: x, out, gout [d, Q, G, M, H, W]; w, gw [S, d, T, G / S, M,
 // H, W] (operator gi = j * G / S + l is at (j, l): the generator's output is grouped like that)
 // with T = K * K taps (tap t is the offset (t / K - K / 2, t % K - K / 2)); scale [G, M, H, W].
+// The taps (and their gradient) may come as several buffers [S, d_i, T, G / S, M, H, W] that
+// split the component axis, d = d_0 + d_1 + ...: the generator's parts (its Fourier and dense
+// blocks), so that they are never concatenated (`TapParts`). The operands are passed flattened
+// (x, out, gout [d, Q, G, M * H * W], w, gw [S, d_i, T * G / S * M * H * W], scale [G, M * H *
+// W], with H and W as attributes): XLA gave the size-1 axes of the full forms layouts of their
+// own and copied the arrays to reorder them.
 // Each (g, m) plane group is copied into zero-padded scratch planes whose rows are whole
 // vectors, and the taps into a scratch that holds the T tap vectors of a position next to
 // each other, so the inner loops are branch-free vector multiply-adds whose loads sit at
@@ -69,20 +75,45 @@ inline void add_sign_term(float* gw, const float* w, const float* d, int64_t n) 
 
 struct Shape {
   int64_t d, q, g, m, h, w, hw, wv, gl;
-  // x: the dimensions of x [d, Q, G, M, H, W]; groups: S, the leading axis of the taps.
-  Shape(ffi::Span<const int64_t> x, int64_t groups) {
-    d = x[0], q = x[1], g = x[2], m = x[3], h = x[4], w = x[5];
+  Shape() = default;
+  // x: the dimensions of x passed as [d, Q, G, M * H * W] (H = height, W = width: size-1
+  // axes of the 6-D form made XLA copy it into a layout of its own); groups: S, the leading
+  // axis of the taps.
+  // (`CheckParts` rejects what this cannot describe.)
+  Shape(ffi::Span<const int64_t> x, int64_t height, int64_t width, int64_t groups) {
+    const bool ok = x.size() == 4;
+    d = ok ? x[0] : 0, q = ok ? x[1] : 0, g = ok ? x[2] : 0, h = height, w = width;
     hw = h * w;
+    m = ok && hw > 0 ? x[3] / hw : 0;
     wv = (w + kV - 1) / kV * kV;  // row length in whole vectors
-    gl = g / groups;
+    gl = groups > 0 ? g / groups : 0;
   }
   // Start of plane (a, b) of an array [A, nb, G, M, H, W] at (gi, mi).
   int64_t plane(int64_t a, int64_t nb, int64_t b, int64_t gi, int64_t mi) const {
     return (((a * nb + b) * g + gi) * m + mi) * hw;
   }
-  // Start of tap t's plane of component c of the taps [S, d, T, G / S, M, H, W] at (gi, mi).
-  int64_t tap(int64_t c, int64_t nt, int64_t t, int64_t gi, int64_t mi) const {
-    return ((((gi / gl * d + c) * nt + t) * gl + gi % gl) * m + mi) * hw;
+};
+
+// The taps [S, d, T, G / S, M, H, W] (or their gradient) as buffers that split the component
+// axis; P is const float* (inputs) or float* (results).
+template <typename P>
+struct TapParts {
+  std::vector<P> data;
+  std::vector<int64_t> size;         // per buffer: its number of components
+  std::vector<int64_t> part, local;  // per component: its buffer, its index there
+  void add(P p, int64_t components) {
+    for (int64_t c = 0; c < components; ++c) {
+      part.push_back(static_cast<int64_t>(data.size()));
+      local.push_back(c);
+    }
+    data.push_back(p);
+    size.push_back(components);
+  }
+  // Start of tap t's plane of component c at (gi, mi).
+  P tap(const Shape& s, int64_t c, int64_t nt, int64_t t, int64_t gi, int64_t mi) const {
+    const int64_t b = part[c];
+    return data[b] +
+           ((((gi / s.gl * size[b] + local[c]) * nt + t) * s.gl + gi % s.gl) * s.m + mi) * s.hw;
   }
 };
 
@@ -154,12 +185,10 @@ void forward_planes(const Shape& s, const float* tv, const float* b, const Frame
 }
 
 template <int K>
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+ffi::Error Forward(const Shape& s, ffi::Buffer<ffi::F32> x, const TapParts<const float*>& w,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> scale) {
   constexpr int T = K * K, R = K / 2;
-  const Shape s(x.dimensions(), w.dimensions()[0]);
   const float* xd = x.typed_data();
-  const float* wd = w.typed_data();
   float* od = out->typed_data();
   float* sd = scale->typed_data();
   const Frame xf(s, R);  // inputs padded by R: tap t reads (i + t / K, j + t % K)
@@ -176,7 +205,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       std::fill(l1.begin(), l1.end(), 0.f);
       for (int64_t c = 0; c < s.d; ++c) {
         for (int64_t t = 0; t < T; ++t) {
-          const float* pl = wd + s.tap(c, T, t, gi, mi);
+          const float* pl = w.tap(s, c, T, t, gi, mi);
           for (int64_t i = 0; i < s.h; ++i) {
             float* row = &tv[(i * nv * T + t) * kV];
             float* acc = &l1[i * s.wv];
@@ -219,18 +248,16 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 //     pass over q, then the L1 term in a separate pass (adding it as each vector is stored
 //     was not faster).
 template <int K>
-ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> gout,
-                    ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw) {
+ffi::Error Backward(const Shape& s, ffi::Buffer<ffi::F32> x, const TapParts<const float*>& w,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> gout, ffi::ResultBuffer<ffi::F32> gx,
+                    const TapParts<float*>& gw) {
   constexpr int T = K * K, R = K / 2;
-  const Shape s(x.dimensions(), w.dimensions()[0]);
   const float* xd = x.typed_data();
-  const float* wd = w.typed_data();
   const float* sd = scale.typed_data();
   const float* od = out.typed_data();
   const float* gd = gout.typed_data();
   float* gxd = gx->typed_data();
-  float* gwd = gw->typed_data();
   const Frame f(s, R);
   const int64_t nv = s.wv / kV;
   std::vector<float> wbar(s.h * nv * T * kV, 0.f), gs(s.q * f.size, 0.f), xs(s.q * f.size, 0.f);
@@ -254,7 +281,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
           // w_t into a frame padded by R (whole plane first: reading a row right after
           // writing it would stall on store forwarding), then wbar_u(i, j) = frame(i + 2R -
           // di, j + 2R - dj); rows and columns past the plane read the zero border.
-          f.fill(s, wd + s.tap(c, T, t, gi, mi), wframe.data());
+          f.fill(s, w.tap(s, c, T, t, gi, mi), wframe.data());
           for (int64_t i = 0; i < s.h; ++i) {
             float* dst_row = &wbar[(i * nv * T + u) * kV];
             const float* src = wframe.data() + (i + 2 * R - di) * f.cols + 2 * R - dj;
@@ -267,7 +294,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
           dst[qi] = gxd + s.plane(c, s.q, qi, gi, mi);
         }
         forward_planes<K>(s, wbar.data(), gs.data(), f, dst.data());
-        for (int64_t t = 0; t < T; ++t) dst[t] = gwd + s.tap(c, T, t, gi, mi);
+        for (int64_t t = 0; t < T; ++t) dst[t] = gw.tap(s, c, T, t, gi, mi);
         for (int64_t i = 0; i < s.h; ++i)
           for (int64_t jv = 0; jv < nv; ++jv) {
             const int64_t j = jv * kV, n = std::min(kV, s.w - j);
@@ -285,31 +312,98 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
             }
           }
         for (int64_t t = 0; t < T; ++t)
-          add_sign_term(dst[t], wd + s.tap(c, T, t, gi, mi), dl1.data(), s.hw);
+          add_sign_term(dst[t], w.tap(s, c, T, t, gi, mi), dl1.data(), s.hw);
       }
     }
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardAny(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+// The tap buffers (a variable number of arguments or results: one or more parts of the
+// component axis, each [S, d_i, T * G / S * M * H * W]), checked against x [d, Q, G, M, H, W].
+ffi::Error CheckParts(const TapParts<const float*>& w, const std::vector<int64_t>& plane,
+                      const Shape& s, int64_t nt, ffi::Span<const int64_t> x, int64_t groups) {
+  if (x.size() != 4 || s.hw <= 0 || x[3] != s.m * s.hw)
+    return ffi::Error::InvalidArgument(
+        "normalised_apply kernel: x must be [d, Q, G, M * height * width]");
+  if (groups <= 0 || s.g % groups)
+    return ffi::Error::InvalidArgument("normalised_apply kernel: S must divide G");
+  if (w.data.empty()) return ffi::Error::InvalidArgument("normalised_apply kernel: no taps");
+  if (static_cast<int64_t>(w.part.size()) != s.d)
+    return ffi::Error::InvalidArgument(
+        "normalised_apply kernel: the tap parts' components do not add up to x's");
+  for (int64_t n : plane)
+    if (n != nt * s.gl * s.m * s.hw)
+      return ffi::Error::InvalidArgument(
+          "normalised_apply kernel: taps must be [S, d_i, T * G / S * M * H * W]");
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeTaps(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, int64_t nt,
+                      int64_t height, int64_t width, TapParts<const float*>& w, Shape& s) {
+  int64_t groups = 1;
+  std::vector<int64_t> plane;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto b = args.get<ffi::Buffer<ffi::F32>>(i);
+    if (!b.has_value()) return b.error();
+    const auto dims = b->dimensions();
+    if (dims.size() != 3)
+      return ffi::Error::InvalidArgument("normalised_apply kernel: taps must be 3-D");
+    groups = dims[0];
+    w.add(b->typed_data(), dims[1]);
+    plane.push_back(dims[2]);
+  }
+  s = Shape(x.dimensions(), height, width, groups);
+  return CheckParts(w, plane, s, nt, x.dimensions(), groups);
+}
+
+template <int K>
+ffi::Error ForwardK(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs wa,
+                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> scale,
+                    int64_t height, int64_t width) {
+  TapParts<const float*> w;
+  Shape s;
+  if (auto e = DecodeTaps(x, wa, K * K, height, width, w, s); e.failure()) return e;
+  return Forward<K>(s, x, w, out, scale);
+}
+
+template <int K>
+ffi::Error BackwardK(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> gout, ffi::RemainingArgs wa,
+                     ffi::ResultBuffer<ffi::F32> gx, ffi::RemainingRets gwr, int64_t height,
+                     int64_t width) {
+  TapParts<const float*> w;
+  Shape s;
+  if (auto e = DecodeTaps(x, wa, K * K, height, width, w, s); e.failure()) return e;
+  if (gwr.size() != w.data.size())
+    return ffi::Error::InvalidArgument("normalised_apply kernel: one gradient per tap part");
+  TapParts<float*> gw;
+  for (size_t i = 0; i < gwr.size(); ++i) {
+    auto r = gwr.get<ffi::Buffer<ffi::F32>>(i);
+    if (!r.has_value()) return r.error();
+    gw.add((*r)->typed_data(), w.size[i]);
+  }
+  return Backward<K>(s, x, w, scale, out, gout, gx, gw);
+}
+
+ffi::Error ForwardAny(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs w,
                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> scale,
-                      int64_t k) {
+                      int64_t k, int64_t h, int64_t w_) {
   switch (k) {
-    case 3: return Forward<3>(x, w, out, scale);
-    case 5: return Forward<5>(x, w, out, scale);
-    case 7: return Forward<7>(x, w, out, scale);
+    case 3: return ForwardK<3>(x, w, out, scale, h, w_);
+    case 5: return ForwardK<5>(x, w, out, scale, h, w_);
+    case 7: return ForwardK<7>(x, w, out, scale, h, w_);
   }
   return ffi::Error::InvalidArgument("normalised_apply kernel: kernel_size must be 3, 5 or 7");
 }
 
-ffi::Error BackwardAny(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> out,
-                       ffi::Buffer<ffi::F32> gout, ffi::ResultBuffer<ffi::F32> gx,
-                       ffi::ResultBuffer<ffi::F32> gw, int64_t k) {
+ffi::Error BackwardAny(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> gout,
+                       ffi::RemainingArgs w, ffi::ResultBuffer<ffi::F32> gx,
+                       ffi::RemainingRets gw, int64_t k, int64_t h, int64_t w_) {
   switch (k) {
-    case 3: return Backward<3>(x, w, scale, out, gout, gx, gw);
-    case 5: return Backward<5>(x, w, scale, out, gout, gx, gw);
-    case 7: return Backward<7>(x, w, scale, out, gout, gx, gw);
+    case 3: return BackwardK<3>(x, scale, out, gout, w, gx, gw, h, w_);
+    case 5: return BackwardK<5>(x, scale, out, gout, w, gx, gw, h, w_);
+    case 7: return BackwardK<7>(x, scale, out, gout, w, gx, gw, h, w_);
   }
   return ffi::Error::InvalidArgument("normalised_apply kernel: kernel_size must be 3, 5 or 7");
 }
@@ -319,18 +413,22 @@ ffi::Error BackwardAny(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormalisedApplyForward, ForwardAny,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .RemainingArgs()               // w: its parts
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Attr<int64_t>("kernel_size"));
+                                  .Attr<int64_t>("kernel_size")
+                                  .Attr<int64_t>("height")
+                                  .Attr<int64_t>("width"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormalisedApplyBackward, BackwardAny,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gout
+                                  .RemainingArgs()               // w: its parts
                                   .Ret<ffi::Buffer<ffi::F32>>()  // gx
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gw
-                                  .Attr<int64_t>("kernel_size"));
+                                  .RemainingRets()               // gw: one per part of w
+                                  .Attr<int64_t>("kernel_size")
+                                  .Attr<int64_t>("height")
+                                  .Attr<int64_t>("width"));
