@@ -67,6 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.1
     config.model.dropout_per_field = False  # the reference drops single channels.
     config.model.num_classes = 10
+    # How it runs, not what it computes (the same math; a run may resume with other values):
+    # the Neural ePDO layers' formulation ('fourier', or 'dense': the straightforward one),
+    # images per layer chunk, and per step of the inference loop (unset: per backend; see
+    # NeuralEPDONet). E.g. --config.model.eval_chunk=0 evaluates the whole batch at once.
+    config.model.impl = "fourier"
+    config.model.chunk = ml_collections.config_dict.placeholder(int)
+    config.model.eval_chunk = ml_collections.config_dict.placeholder(int)
     config.dtype = "float32"  # activations; 'bfloat16' keeps float32 parameters.
 
     # Optimisation: Adam with coupled L2 (PyTorch `weight_decay`), piecewise constant LR.

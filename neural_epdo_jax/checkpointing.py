@@ -46,6 +46,11 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+# Model keys of the same kind: how the network runs (its formulation, its chunking), not its
+# parameters or math. Absent in the config.json of runs from before they existed.
+RESUMABLE_MODEL_KEYS = frozenset({"model.impl", "model.chunk", "model.eval_chunk"})
+
+
 class IncompatibleWorkdirError(ValueError):
     """The workdir holds checkpoints of a run whose config differs from the requested one."""
 
@@ -78,7 +83,7 @@ def config_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list
     saved_flat, requested_flat = _flatten(saved), _flatten(requested)
     lines = []
     for key in sorted(set(saved_flat) | set(requested_flat)):
-        if key.split(".")[0] in RESUMABLE_KEYS:
+        if key.split(".")[0] in RESUMABLE_KEYS or key in RESUMABLE_MODEL_KEYS:
             continue
         missing = "<absent>"
         old, new = saved_flat.get(key, missing), requested_flat.get(key, missing)

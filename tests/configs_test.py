@@ -7,7 +7,7 @@ import os
 import ml_collections
 from absl.testing import absltest, parameterized
 
-from neural_epdo_jax import training
+from neural_epdo_jax import checkpointing, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
@@ -126,6 +126,27 @@ class ConfigsTest(parameterized.TestCase):
         self.assertLessEqual(test.num_epochs, 2)
         # The last training batch is padded, to exercise the mask.
         self.assertNotEqual(test.num_train_examples % test.batch_size, 0)
+
+    def test_execution_keys_reach_the_model_and_do_not_block_resuming(self):
+        config = load("default")
+        self.assertIsNone(config.model.chunk)  # unset: the model picks per backend
+        config.model.chunk, config.model.eval_chunk, config.model.impl = 2, 0, "dense"
+        model = training.validate_config(config)
+        self.assertEqual((model.chunk, model.eval_chunk, model.impl), (2, 0, "dense"))
+        with self.assertRaises(TypeError):  # typed: --config.model.chunk=abc is refused
+            config.model.chunk = "abc"
+        # A run may resume with other values, also from a config.json written before these
+        # keys existed; a key that changes the math is still reported.
+        saved = checkpointing.config_to_dict(load("default"))
+        for key in ("impl", "chunk", "eval_chunk"):
+            del saved["model"][key]
+        requested = checkpointing.config_to_dict(config)
+        self.assertEqual(checkpointing.config_differences(saved, requested), [])
+        config.model.n = 4
+        self.assertEqual(
+            checkpointing.config_differences(saved, checkpointing.config_to_dict(config)),
+            ["model.n: 8 in the workdir, 4 requested"],
+        )
 
 
 if __name__ == "__main__":
