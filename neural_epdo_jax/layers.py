@@ -829,6 +829,8 @@ def normalised_apply(x: jax.Array, w: jax.Array, kernel_size: int) -> jax.Array:
     """
     k = kernel_size
     if isinstance(w, (tuple, list)):
+        if not w:
+            raise ValueError("normalised_apply: the taps are an empty sequence of parts.")
         w = tuple(w) if len(w) > 1 else w[0]
     parts = w if isinstance(w, tuple) else (w,)
     w0 = parts[0]

@@ -110,6 +110,8 @@ def test_taps_in_parts_match_the_whole(sizes, groups):
     assert _rel(want_out, bad) > 1e-2
     with pytest.raises(ValueError, match="d_0 \\+ d_1"):
         layers.normalised_apply(x, parts[1:], k)
+    with pytest.raises(ValueError, match="empty"):
+        layers.normalised_apply(x, (), k)
 
 
 def test_normalised_apply_rejects_mismatched_taps():
