@@ -872,8 +872,9 @@ def _na_bwd(k, res, g):
 
 
 def _na_bwd_xla(k, x, w_in, scale, g):
-    groups = _join_taps(w_in).shape[0]
-    w = _taps_by_operator(_join_taps(w_in))
+    w = _join_taps(w_in)
+    groups = w.shape[0]
+    w = _taps_by_operator(w)
     h, wd, c = x.shape[-2], x.shape[-1], k // 2
     q = x.shape[1]
     gs = g * scale[None, None].astype(g.dtype)

@@ -76,10 +76,8 @@ inline void add_sign_term(float* gw, const float* w, const float* d, int64_t n) 
 struct Shape {
   int64_t d, q, g, m, h, w, hw, wv, gl;
   Shape() = default;
-  // x: the dimensions of x passed as [d, Q, G, M * H * W] (H = height, W = width: size-1
-  // axes of the 6-D form made XLA copy it into a layout of its own); groups: S, the leading
-  // axis of the taps.
-  // (`CheckParts` rejects what this cannot describe.)
+  // x: the dimensions of x as passed, [d, Q, G, M * H * W] (H = height, W = width); groups:
+  // S, the leading axis of the taps. (`CheckParts` rejects what this cannot describe.)
   Shape(ffi::Span<const int64_t> x, int64_t height, int64_t width, int64_t groups) {
     const bool ok = x.size() == 4;
     d = ok ? x[0] : 0, q = ok ? x[1] : 0, g = ok ? x[2] : 0, h = height, w = width;
