@@ -35,6 +35,7 @@ line or record.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -43,6 +44,7 @@ import os
 import pathlib
 import re
 import struct
+import tempfile
 import types
 import urllib.request
 import zipfile
@@ -854,15 +856,32 @@ def _tfds_split(name: str, split: str) -> str:
     return split
 
 
+@contextlib.contextmanager
+def _contained_tempfiles() -> Iterator[None]:
+    """Python's temporary files go to a scratch folder, removed afterwards, while TFDS builds a
+    builder: on a data_dir not yet prepared it makes an empty temporary folder for metadata
+    from its cloud bucket (disabled here) and leaves it behind, one per preparation. The
+    setting is process-wide: it holds only while the builder is constructed, and the
+    previous one comes back."""
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="neural_epdo_tfds_") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def prepare(
     name: str, *, data_dir: str | None = None, manual_dir: str | None = None
 ) -> tfds.core.DatasetBuilder:
     """Prepares a TFDS dataset ('mnist_rot' or 'rotated_digits') if needed; returns its builder."""
     if name not in _BUILDERS:
         raise DataError(f"{name!r} is not a TFDS dataset here; those are {sorted(_BUILDERS)}")
-    builder = _BUILDERS[name](
-        data_dir=os.path.expanduser(data_dir or default_data_dir()), file_format="array_record"
-    )
+    with _contained_tempfiles():
+        builder = _BUILDERS[name](
+            data_dir=os.path.expanduser(data_dir or default_data_dir()), file_format="array_record"
+        )
     if not builder.is_prepared():
         config = tfds.download.DownloadConfig(
             manual_dir=os.path.expanduser(manual_dir) if manual_dir else None

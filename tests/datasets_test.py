@@ -7,8 +7,10 @@ download function is replaced wherever a test reaches it).
 import gzip
 import hashlib
 import importlib.util
+import shutil
 import struct
 import sys
+import tempfile
 import urllib.error
 import zipfile
 
@@ -463,3 +465,18 @@ def test_idx_bad_gzip(tmp_path, idx_arrays):
     images_path.write_bytes(images_path.read_bytes()[:50])
     with pytest.raises(datasets.DataError, match=f"{images_path}: not a valid gzip file"):
         datasets.load("idx", "train", idx_dir=str(tmp_path))
+
+
+def test_preparing_leaves_no_temporary_folders(tmp_path, monkeypatch):
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    # Control: a TFDS builder constructed on a folder not yet prepared leaves an empty
+    # temporary folder behind (if TFDS stops doing so, `_contained_tempfiles` can go).
+    datasets._BUILDERS["rotated_digits"](data_dir=str(tmp_path / "a"), file_format="array_record")
+    assert [p.name for p in system_tmp.iterdir()]
+    shutil.rmtree(system_tmp)
+    system_tmp.mkdir()
+    datasets.prepare("rotated_digits", data_dir=str(tmp_path / "b"))
+    assert not list(system_tmp.iterdir())
+    assert tempfile.tempdir == str(system_tmp)  # the setting is restored
