@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from neural_epdo_jax import bases, fields, groups, kernels, layers, models, testing
+from neural_epdo_jax import bases, fields, groups, kernels, layers, models, testing, training
 
 KEY = jax.random.PRNGKey(0)
 
@@ -94,7 +94,9 @@ def test_fourier_matches_dense_model(name):
         return model.apply(variables, x, train=False), train_logits, grads
 
     eval_d, train_d, grads_d = jax.jit(lambda: outputs(dense))()
-    eval_f, train_f, grads_f = jax.jit(lambda: outputs(fast))()
+    # The fast path compiled as the training steps are (`training.step_compiler_options`).
+    opts = training.step_compiler_options()
+    eval_f, train_f, grads_f = jax.jit(lambda: outputs(fast), compiler_options=opts)()
     assert float(jnp.std(eval_d, axis=0).mean()) > 1e-3  # the logits depend on the input
     assert _rel(eval_d, eval_f) < 1e-4
     assert _rel(train_d, train_f) < 1e-4

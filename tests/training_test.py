@@ -368,6 +368,18 @@ class StepTest(parameterized.TestCase):
             np.array_equal(later.params["Dense_0"]["kernel"], first.params["Dense_0"]["kernel"])
         )
 
+    def test_step_compiler_options_per_platform(self):
+        # CPU steps are compiled at backend optimisation level 1 (measured: faster compiles,
+        # the same step time); other platforms keep XLA's defaults.
+        self.assertEqual(
+            training.step_compiler_options("cpu"), {"xla_backend_optimization_level": 1}
+        )
+        self.assertEqual(training.step_compiler_options("gpu"), {})
+        self.assertEqual(training.step_compiler_options(), training.step_compiler_options("cpu"))
+        options = training.step_compiler_options("cpu")
+        options["xla_backend_optimization_level"] = 3  # a copy: the module's stays put
+        self.assertEqual(training.CPU_STEP_COMPILER_OPTIONS["xla_backend_optimization_level"], 1)
+
     def test_non_finite_flag(self):
         batch = _batch()
         batch["image"][3, 2, 2, 0] = np.nan
