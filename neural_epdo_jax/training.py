@@ -468,9 +468,9 @@ def evaluate(
 # and XLA's own loops ran as fast (2 devices, compiled variants alternating in one process,
 # train / eval img/s, default -> level 1: R-gauss 33.4 / 155.1 -> 33.6 / 156.8, Q-gauss 22.2 /
 # 103.7 -> 22.6 / 101.6, D-gauss 12.2 / 53.8 -> 11.7 / 53.2, R-fd 31.1 / 157.3 -> 31.7 /
-# 158.4), while XLA compiled the R-gauss train step in 14.3-15.4 s instead of 17.7-18.7 (fresh
-# processes). Gradients: R-gauss bitwise the same; Q-gauss within 4e-4 (relative, per array),
-# a tenth of what separates the Fourier and dense formulations.
+# 158.4), while XLA compiled the R-gauss train step in 14.3-17.6 s instead of 17.7-21.8 (fresh
+# processes alternating, five each). Gradients: R-gauss bitwise the same; Q-gauss within 4e-4
+# (relative, per array), a tenth of what separates the Fourier and dense formulations.
 CPU_STEP_COMPILER_OPTIONS: Mapping[str, int] = types.MappingProxyType(
     {"xla_backend_optimization_level": 1}
 )

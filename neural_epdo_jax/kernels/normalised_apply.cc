@@ -317,7 +317,8 @@ ffi::Error Backward(const Shape& s, ffi::Buffer<ffi::F32> x, const TapParts<cons
 }
 
 // The tap buffers (a variable number of arguments or results: one or more parts of the
-// component axis, each [S, d_i, T * G / S * M * H * W]), checked against x [d, Q, G, M, H, W].
+// component axis, each [S, d_i, T * G / S * M * H * W]), checked against x [d, Q, G,
+// M * H * W].
 ffi::Error CheckParts(const TapParts<const float*>& w, const std::vector<int64_t>& plane,
                       const Shape& s, int64_t nt, ffi::Span<const int64_t> x, int64_t groups) {
   if (x.size() != 4 || s.hw <= 0 || x[3] != s.m * s.hw)
