@@ -322,30 +322,40 @@ def generator_basis(
 # diagonal. Used by the layers' fast path; the dense forms above stay the definition.
 
 
-def fourier_slots(group: groups.Group) -> tuple[tuple[int, ...], ...]:
-    """Rotation frequencies grouped into the slots of the group-Fourier transform.
+def fourier_slots(group: groups.Group) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """The slots of the group-Fourier transform: (rotation frequencies, mirror eigenvalue).
 
-    Slot 0 holds the frequencies 0 and N/2 (N even), slot k (1 <= k < N/2) the frequency k
-    (with -k). Every C_N- or D_N-equivariant linear map between any two representations maps
-    the frequency-k isotypic component of the rotations to itself, so it is block diagonal
-    over the slots.
+    Frequencies: slot 0 holds 0 and N/2 (N even), slot k (1 <= k < N/2) the frequency k (with
+    -k). C_N: one slot per frequency group, mirror eigenvalue 0 (none). D_N: each frequency
+    group is split by the mirror's eigenvalue (+1, then -1). Every C_N- or D_N-equivariant
+    linear map between two representations commutes with the rotations, so it maps each
+    frequency's isotypic component to itself, and (D_N) with the mirror, which commutes with
+    those projections, so it keeps the mirror's eigenspaces inside them too: it is block
+    diagonal over the slots. For D_N the split halves the slots' width (the regular
+    representation: 2 instead of 4), and so the multiply-adds of a map between regular
+    fields (16 blocks of 2 x 2 per field pair instead of 8 of 4 x 4): a two-dimensional
+    irrep's copies are two equal blocks, one per eigenvalue.
     """
     n = group.n
     first = (0, n // 2) if n % 2 == 0 and n > 1 else (0,)
-    return (first,) + tuple((k,) for k in range(1, (n + 1) // 2))
+    freqs = (first,) + tuple((k,) for k in range(1, (n + 1) // 2))
+    mirror = (1, -1) if group.flip else (0,)
+    return tuple((f, e) for f in freqs for e in mirror)
 
 
 def _slot_projectors(group: groups.Group, rho: Matrices, dim: int) -> list[np.ndarray]:
-    """Orthogonal projectors [dim, dim] onto the slots' isotypic components of ``rho``."""
+    """Orthogonal projectors [dim, dim] onto the slots' components of ``rho``."""
     n = group.n
     rots = [rho((0, j)) for j in range(n)]
     out = []
-    for slot in fourier_slots(group):
+    for freqs, mirror in fourier_slots(group):
         p = np.zeros((dim, dim))
-        for k in slot:
+        for k in freqs:
             c = 1.0 if (2 * k) % n == 0 else 2.0
             for j in range(n):
                 p += (c / n) * np.cos(2 * np.pi * k * j / n) * rots[j]
+        if mirror:  # commutes with p: the rotations' cosine sums are mirror-symmetric
+            p = p @ (np.eye(dim) + mirror * rho((1, 0))) / 2
         out.append(p)
     return out
 
@@ -376,7 +386,8 @@ def fourier_matrix(group: groups.Group, unit: fields.Unit) -> np.ndarray:
 
     ``x_hat[k] = Phi[k] @ x`` splits a field into the slots of `fourier_slots`; ``Phi`` is
     orthonormal (``sum_k Phi[k].T @ Phi[k] = I``), zero rows pad every slot to the same
-    width r * b (r = number of representations in the unit, b = 2 for C_N, 4 for D_N).
+    width r * b (r = number of representations in the unit, b = 2: the regular
+    representation's width of every slot).
 
     Returns:
       read-only [K, r * b, field_size].

@@ -402,10 +402,12 @@ def apply_linear_fourier(
     computed in group-Fourier coordinates.
 
     An equivariant map between permutation representations of C_N / D_N does not mix the
-    rotation-frequency slots (`bases.fourier_slots`), so with the orthonormal transforms
-    ``Phi`` of `bases.fourier_matrix`, ``A = sum_k Phi_out[k]^T B_k Phi_in[k]``: one small
+    slots of `bases.fourier_slots` (rotation frequencies; D_N: and mirror eigenvalues), so
+    with the orthonormal transforms ``Phi`` of `bases.fourier_matrix`,
+    ``A = sum_k Phi_out[k]^T B_k Phi_in[k]``: one small
     dense block per slot and field pair (C16 regular: 8 blocks of 2 x 2, 32 multiply-adds
-    instead of 256; D16: 8 x 4 x 4 instead of 1024), plus one transform per field each side.
+    instead of 256; D16: 16 blocks of 2 x 2, 64 instead of 1024), plus one transform per field
+    each side.
 
     Args:
       x: [..., F_in * d_in] (the compute dtype).

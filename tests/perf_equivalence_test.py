@@ -237,8 +237,9 @@ def test_max_pool_matches_flax_including_ties():
         (groups.Group(8), (("regular", 1), ("quo_4", 1))),
         (groups.Group(4, True), (("regular", 1),)),
         (groups.Group(3), (("regular", 2), ("trivial", 1))),
+        (groups.Group(5, True), (("regular", 1), ("trivial", 1))),
     ],
-    ids=["C4", "C8-quotient", "D4", "C3-mixed"],
+    ids=["C4", "C8-quotient", "D4", "C3-mixed", "D5-mixed"],
 )
 def test_bases_fast_forms(group, unit):
     """Closed-form generator basis == the generic construction; Fourier forms reconstruct
@@ -275,6 +276,34 @@ def test_bases_fast_forms(group, unit):
         got[off : off + dim] = rest[start : start + dim * 25].reshape(dim, 25)
         start += dim * 25
     np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [8, 5])
+def test_dihedral_slots_split_by_the_mirror(n):
+    """D_N's Fourier slots are C_N's, each split by the mirror's eigenvalue: the regular
+    representation's slots are 2 wide (not 4), so a map between regular fields costs 2 |G|
+    multiply-adds per field pair (16 blocks of 2 x 2 for D8) instead of 4 |G|. Control: rows
+    mixed across the two halves of one slot no longer give block-diagonal maps, and the
+    check that builds the blocks refuses them."""
+    dn, cn = groups.Group(n, True), groups.Group(n)
+    reg = (("regular", 1),)
+    phi_d, phi_c = bases.fourier_matrix(dn, reg), bases.fourier_matrix(cn, reg)
+    assert phi_d.shape == (2 * phi_c.shape[0], 2, 2 * n)
+    assert phi_c.shape[1] == 2
+    blocks = bases.linear_basis_fourier(dn, reg, reg)
+    padding = 0 if n % 2 == 0 else 4  # odd N: slot 0's halves are 1-dim, padded to 2
+    assert blocks.shape[1] * blocks.shape[2] * blocks.shape[3] == 2 * dn.order + padding
+    lin = bases.linear_basis(dn, reg, reg)
+    np.testing.assert_allclose(
+        np.einsum("kyo,nkyx,kxi->noi", phi_d, blocks, phi_d), lin, atol=1e-12
+    )
+    # Control: rotate slot 1's mirror-even rows into its mirror-odd ones (still orthonormal).
+    bad = np.array(phi_d)
+    c, s = np.cos(0.3), np.sin(0.3)
+    bad[2], bad[3] = c * phi_d[2] + s * phi_d[3], -s * phi_d[2] + c * phi_d[3]
+    np.testing.assert_allclose(np.einsum("kbd,kbe->de", bad, bad), np.eye(2 * n), atol=1e-12)
+    with pytest.raises(AssertionError, match="block diagonal"):
+        bases._to_slots(lin, bad, bad)
 
 
 def test_train_step_traces_once_with_padded_last_batch():
