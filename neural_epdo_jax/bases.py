@@ -333,8 +333,9 @@ def fourier_slots(group: groups.Group) -> tuple[tuple[tuple[int, ...], int], ...
     those projections, so it keeps the mirror's eigenspaces inside them too: it is block
     diagonal over the slots. For D_N the split halves the slots' width (the regular
     representation: 2 instead of 4), and so the multiply-adds of a map between regular
-    fields (16 blocks of 2 x 2 per field pair instead of 8 of 4 x 4): a two-dimensional
-    irrep's copies are two equal blocks, one per eigenvalue.
+    fields (D16: 16 blocks of 2 x 2 per field pair instead of 8 of 4 x 4): the map on a
+    two-dimensional irrep's isotypic component splits into one block per eigenvalue, each
+    with half its rows and columns.
     """
     n = group.n
     first = (0, n // 2) if n % 2 == 0 and n > 1 else (0,)
@@ -354,7 +355,7 @@ def _slot_projectors(group: groups.Group, rho: Matrices, dim: int) -> list[np.nd
             c = 1.0 if (2 * k) % n == 0 else 2.0
             for j in range(n):
                 p += (c / n) * np.cos(2 * np.pi * k * j / n) * rots[j]
-        if mirror:  # commutes with p: the rotations' cosine sums are mirror-symmetric
+        if mirror:  # commutes with p: m r^j m = r^-j, and the cosine sums are even in j
             p = p @ (np.eye(dim) + mirror * rho((1, 0))) / 2
         out.append(p)
     return out
