@@ -13,7 +13,7 @@ On CPU the same code runs the cores in parallel: XLA runs one CPU device's progr
 one core, so the entry points (train.py, the evaluation and benchmark commands) split the
 host into one device per core (:func:`use_cpu_cores`) before JAX starts. Measured on the
 project's 2-core machine, R-gauss training at batch 64: 12.1 img/s on one device, 18.8 on
-two (see the README's Performance section).
+two (see benchmarks/PERFORMANCE.md).
 """
 
 from __future__ import annotations

@@ -407,9 +407,10 @@ def default_compilation_cache_dir() -> str:
 def use_compilation_cache(path: str | None = None) -> str | None:
     """Keeps compiled steps on disk (JAX's persistent compilation cache), so that a rerun of
     the same model and shapes -- resuming, evaluating, the next run of a sweep -- loads its
-    steps instead of compiling them again (measured in the README). Compilations under a
-    second are not kept. Entries are a few MB each and never expire (JAX's size limit needs
-    the ``filelock`` package); deleting the directory at any time is safe.
+    steps instead of compiling them again (measured in benchmarks/PERFORMANCE.md).
+    Compilations under a second are not kept. Entries are a few MB each and never expire
+    (JAX's size limit needs the ``filelock`` package); deleting the directory at any time is
+    safe.
 
     Args:
       path: the cache directory; None: `default_compilation_cache_dir`; '': keep none. A
