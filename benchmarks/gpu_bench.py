@@ -132,12 +132,10 @@ def measure(
         carry = train_step(*carry[:4], x, y)
         return carry[-1]
 
-    train_ips, train_windows = throughput(train_once, batch, steps, min_time_s)
+    train_ips, _ = throughput(train_once, batch, steps, min_time_s)
     xe = jax.random.uniform(key, (eval_batch, 28, 28, 1))
     params, stats, *_, loss = carry
-    eval_ips, eval_windows = throughput(
-        lambda: eval_step(params, stats, xe), eval_batch, steps, min_time_s
-    )
+    eval_ips, _ = throughput(lambda: eval_step(params, stats, xe), eval_batch, steps, min_time_s)
     # Paper protocol: 199 epochs x 12,000 training images; the reference evaluates the 50,000
     # test images at every epoch from 60 on (140 evaluations).
     proj_min = (199 * 12_000 / train_ips + 140 * 50_000 / eval_ips) / 60
@@ -149,7 +147,6 @@ def measure(
         train_ips=train_ips,
         eval_batch=eval_batch,
         eval_ips=eval_ips,
-        windows=(train_windows, eval_windows),
         protocol_min=proj_min,
         loss=float(loss),
     )
