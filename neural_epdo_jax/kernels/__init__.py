@@ -9,9 +9,10 @@ when it is available and falls back to the XLA formulation otherwise (other dtyp
 backends, no compiler). tests/kernels_test.py checks both paths against each other.
 
 The library is compiled with the host's C++ compiler (``$CXX``, else ``g++``/``c++``,
-``-O3 -march=native``) against the XLA FFI headers shipped with jaxlib, once per source,
-jaxlib version and CPU, into ``~/.cache/neural_epdo_jax/kernels`` (``NEURAL_EPDO_JAX_KERNEL_DIR``
-moves it); a build takes a few seconds. ``NEURAL_EPDO_JAX_CPU_KERNELS=0`` turns the kernels off
+``-O3 -march=native``: vectors of 16 floats where the CPU has AVX-512, else 8) against the
+XLA FFI headers shipped with jaxlib, once per source, jaxlib version and CPU, into
+``~/.cache/neural_epdo_jax/kernels`` (``NEURAL_EPDO_JAX_KERNEL_DIR`` moves it); a build takes
+a few seconds. ``NEURAL_EPDO_JAX_CPU_KERNELS=0`` turns the kernels off
 (the XLA formulation everywhere). If the build fails, a warning says why and the XLA
 formulation is used.
 
