@@ -67,6 +67,39 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def describe_cpu(cpuinfo: str) -> str:
+    """The CPU's model name and widest float vector extension (AVX-512, AVX2, NEON), from the
+    text of /proc/cpuinfo: the table's numbers depend on both (the project has run on AVX2
+    and AVX-512 hosts, and the C++ kernel's vectors are twice as wide on AVX-512)."""
+    model, features = "", []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not features:
+            features = value.split()
+    isa = next(
+        (
+            name
+            for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON"))
+            if flag in features
+        ),
+        "",
+    )
+    return ", ".join(part for part in (model or "unknown CPU", isa) if part)
+
+
+def _host() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return describe_cpu(f.read())
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _flops(lowered_or_compiled) -> float:
     cost = lowered_or_compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -259,14 +292,18 @@ def main(argv):
         res["load_before"] = load
         results.append(res)
         print(f"{name}: done (load {load})", file=sys.stderr, flush=True)
+    host = _host()
+    for r in results:
+        r["host"] = host
     ok = [r for r in results if "error" not in r]
     dev = ok[0]["device"] if ok else "?"
     ndev = ok[0]["devices"] if ok else "?"
     print(
         f"\nbatch {_BATCH.value} (train), {_EVAL_BATCH.value} (eval), {_DTYPE.value}, "
         f"impl={_IMPL.value or 'default'}, {ndev} x {dev} (data parallel), {os.cpu_count()} "
-        f"CPUs, load average now {_load()}; medians of {_STEPS.value} steps. GFLOP: XLA's count "
-        "of the straightforward formulation (impl='dense'), in brackets of the one that ran.\n"
+        f"CPUs ({host}), load average now {_load()}; medians of {_STEPS.value} steps. GFLOP: "
+        "XLA's count of the straightforward formulation (impl='dense'), in brackets of the one "
+        "that ran.\n"
     )
     print(
         "| variant | params | init s | compile train s | train step s | train img/s | "

@@ -1,4 +1,5 @@
-"""The GPU benchmark's timing (benchmarks/gpu_bench.py `throughput`), on a scripted clock."""
+"""The benchmarks' helpers: the GPU benchmark's timing (benchmarks/gpu_bench.py `throughput`) on a
+scripted clock, and the CPU description in bench_model.py's table header."""
 
 import importlib.util
 import os
@@ -9,14 +10,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def gpu_bench():
+def _load(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(
-        "gpu_bench", os.path.join(REPO, "benchmarks", "gpu_bench.py")
+        name, os.path.join(REPO, "benchmarks", f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    return _load("gpu_bench")
 
 
 def scripted(monkeypatch, module, costs):
@@ -53,3 +59,28 @@ def test_throughput_times_at_least_min_time(gpu_bench, monkeypatch):
     assert gpu_bench.throughput(run, 1, 2, min_time_s=1.0, warmup=0, max_windows=2)[1] == 2
     with pytest.raises(ValueError, match="calls_per_window"):
         gpu_bench.throughput(run, 1, 0, min_time_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def bench_model():
+    return _load("bench_model")  # defines its absl flags: loaded once per process
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, want",
+    [
+        (
+            "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx2 "
+            "avx512f avx512dq\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\n",
+            "Intel(R) Xeon(R) Processor, AVX-512",
+        ),
+        ("model name : AMD EPYC 7B13\nflags : fpu sse fma avx2 bmi2\n", "AMD EPYC 7B13, AVX2"),
+        ("processor : 0\nFeatures : fp asimd evtstrm\n", "unknown CPU, NEON"),
+        ("model name : Old CPU\nflags : fpu sse sse2\n", "Old CPU"),
+        ("", "unknown CPU"),
+    ],
+)
+def test_describe_cpu_names_the_model_and_vector_extension(bench_model, cpuinfo, want):
+    # The benchmark's table header names the host: its numbers depend on it (AVX-512 doubles
+    # the C++ kernel's vector width).
+    assert bench_model.describe_cpu(cpuinfo) == want
