@@ -111,7 +111,7 @@ struct Frame {
 // `BackwardK`: narrower planes would leave most of a 16-float row empty). Its shapes come
 // through `Shape::with_lanes(kV)`.
 template <int64_t N>
-struct Lanes;  // vectors of N floats (GCC vector extension), aligned and not
+struct Lanes;  // N floats (GCC vector extension): v, and u for loads and stores at any address
 template <>
 struct Lanes<8> {
   typedef float v __attribute__((vector_size(32)));
