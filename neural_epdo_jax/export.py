@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import bases, fields, groups, layers, models
+from neural_epdo_jax import bases, fields, groups, layers, models, parallel
 
 Arrays = tuple[dict[str, jax.Array], ...]
 
@@ -109,7 +109,7 @@ class FrozenModel:
 
     @functools.cached_property
     def _jitted(self) -> Callable[[Arrays, jax.Array], jax.Array]:
-        return jax.jit(self.fn)
+        return jax.jit(self.fn, compiler_options=parallel.compiler_options())
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Logits [B, num_classes] of images [B, H, W, 1] (jitted)."""
@@ -406,7 +406,8 @@ def freeze(model: models.NeuralEPDONet, variables: Mapping[str, Any]) -> FrozenM
 
     # One compilation for all the expansions (eagerly, each einsum would compile on its own);
     # it runs once, so backend optimisations are not worth their compile time.
-    arrays = jax.jit(fold, compiler_options={"xla_backend_optimization_level": 0})(variables)
+    options = parallel.compiler_options(xla_backend_optimization_level=0)
+    arrays = jax.jit(fold, compiler_options=options)(variables)
     return FrozenModel(program[0], arrays, model.num_classes, source=_describe(model))
 
 

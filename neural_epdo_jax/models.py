@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import fields, groups, layers, stencils, variants
+from neural_epdo_jax import fields, groups, layers, parallel, stencils, variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,11 +253,12 @@ def init_variables(
     statistics (whose shapes do not depend on the input size) without running the network
     op by op.
 
-    It runs once, so it is compiled without backend optimisations (`INIT_COMPILER_OPTIONS`):
-    the random initialisers' unrolled loops otherwise take seconds to tens of seconds to
-    compile on CPU (the values are the same). ``jax.eval_shape(model.init, ...)`` gives the
-    shapes alone without compiling anything.
+    It runs once, so it is compiled without backend optimisations (`INIT_COMPILER_OPTIONS`,
+    with `parallel.compiler_options`): the random initialisers' unrolled loops otherwise take
+    seconds to tens of seconds to compile on CPU (the values are the same).
+    ``jax.eval_shape(model.init, ...)`` gives the shapes alone without compiling anything.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    init = jax.jit(lambda r: model.init(r, x, train=False), compiler_options=INIT_COMPILER_OPTIONS)
+    options = parallel.compiler_options(**INIT_COMPILER_OPTIONS)
+    init = jax.jit(lambda r: model.init(r, x, train=False), compiler_options=options)
     return init(rng)

@@ -44,6 +44,7 @@ from neural_epdo_jax import (
     fields,
     layers,
     models,
+    parallel,
     testing,
     training,
 )
@@ -99,7 +100,9 @@ def block_outputs_fn(
     # Called on a handful of small batches: compile time dominates, so no backend
     # optimisations (several times faster to compile on CPU). The variables are an argument,
     # not constants folded into the executable.
-    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    @functools.partial(
+        jax.jit, compiler_options=parallel.compiler_options(xla_backend_optimization_level=0)
+    )
     def fn(variables, images):
         logits, state = model.apply(
             variables, images, train=False, capture_intermediates=is_bn, mutable=["intermediates"]

@@ -477,11 +477,14 @@ CPU_STEP_COMPILER_OPTIONS: Mapping[str, int] = types.MappingProxyType(
 )
 
 
-def step_compiler_options(platform: str | None = None) -> dict[str, int]:
+def step_compiler_options(platform: str | None = None) -> dict[str, int | bool]:
     """XLA compiler options for the jitted steps on ``platform`` (default: JAX's default
-    backend): `CPU_STEP_COMPILER_OPTIONS` on CPU, none elsewhere."""
+    backend): on CPU `CPU_STEP_COMPILER_OPTIONS` and `parallel.CPU_CODEGEN_OPTIONS`, none
+    elsewhere."""
     platform = platform or jax.default_backend()
-    return dict(CPU_STEP_COMPILER_OPTIONS) if platform == "cpu" else {}
+    if platform != "cpu":
+        return {}
+    return parallel.compiler_options(platform, **CPU_STEP_COMPILER_OPTIONS)
 
 
 def jit_data_parallel(

@@ -147,6 +147,37 @@ class ParallelTest(absltest.TestCase):
             parallel.use_memory_optimised_scheduler()
             self.assertEqual(os.environ["XLA_FLAGS"], parallel.CPU_SCHEDULER_FLAG)
 
+    def test_compiler_options(self):
+        # On CPU: the caller's options plus CPU_CODEGEN_OPTIONS (the caller's win); elsewhere
+        # the caller's alone; a fresh dict each time.
+        self.assertEqual(
+            parallel.compiler_options("cpu", xla_backend_optimization_level=0),
+            {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0},
+        )
+        self.assertEqual(
+            parallel.compiler_options("cpu", xla_cpu_use_fusion_emitters=True),
+            {"xla_cpu_use_fusion_emitters": True},
+        )
+        self.assertEqual(
+            parallel.compiler_options("gpu", xla_backend_optimization_level=0),
+            {"xla_backend_optimization_level": 0},
+        )
+        self.assertEqual(
+            parallel.compiler_options(), parallel.compiler_options(jax.default_backend())
+        )
+        parallel.compiler_options("cpu")["xla_cpu_use_fusion_emitters"] = True
+        self.assertFalse(parallel.CPU_CODEGEN_OPTIONS["xla_cpu_use_fusion_emitters"])
+
+    def test_xla_accepts_the_cpu_codegen_options(self):
+        # XLA rejects an option it does not know (the control), so a jax upgrade that drops
+        # one fails here; with them a loop fusion computes what XLA's default emitter does.
+        f = lambda x: jnp.tanh(x) * 2.0 + jnp.exp(-x)
+        x = jnp.linspace(-3.0, 3.0, 1000).reshape(10, 100)
+        with self.assertRaisesRegex(Exception, "No such compile option"):
+            jax.jit(f, compiler_options={"xla_no_such_option_here": True}).lower(x).compile()
+        ours = jax.jit(f, compiler_options=parallel.compiler_options("cpu"))
+        np.testing.assert_allclose(ours(x), jax.jit(f)(x), rtol=1e-6)
+
     def test_two_devices_match_one_device(self):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env.update(
