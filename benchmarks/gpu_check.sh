@@ -3,7 +3,9 @@
 #  1. the exact equivariance tests of layers and models, on the GPU, with full-precision
 #     matmuls (TF32 would exceed the 1e-4 tolerances);
 #  2. train/eval throughput of the four paper variants, float32 and bfloat16, batch 64 and
-#     256 (eval 256 and 1024), and the projected wall time of the paper's protocol.
+#     256 (eval 256 and 1024), and the projected wall time of the paper's protocol; for
+#     R-gauss float32 also larger evaluation batches, where the steps' GPU time goes (per
+#     layer and per XLA op) and the dense formulation (gpu_bench.py --focus).
 # It keeps going when a part fails and prints a summary. Usage: bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."

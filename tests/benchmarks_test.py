@@ -84,3 +84,129 @@ def test_describe_cpu_names_the_model_and_vector_extension(bench_model, cpuinfo,
     # The benchmark's table header names the host: its numbers depend on it (AVX-512 doubles
     # the C++ kernel's vector width).
     assert bench_model.describe_cpu(cpuinfo) == want
+
+
+# --- gpu_bench's profile: where a step's device time goes ----------------------------------
+
+
+class _Event:
+    def __init__(self, name, start, end, **stats):
+        self.name, self.start_ns, self.end_ns = name, start, end
+        self.stats = list(stats.items())
+
+
+class _Line:
+    def __init__(self, name, events):
+        self.name, self.events = name, events
+
+
+class _Plane:
+    def __init__(self, name, lines):
+        self.name, self.lines = name, lines
+
+
+class _Profile:
+    def __init__(self, *planes):
+        self.planes = list(planes)
+
+
+def test_op_times_counts_nested_ops_once(gpu_bench):
+    # A CPU trace: a while loop's event encloses its body's ops; a thread-pool wait inside an
+    # op (no hlo_op) stays part of that op.
+    host = _Plane(
+        "/host:CPU",
+        [
+            _Line(
+                "tf_XLAPjRtCpuClient/1",
+                [
+                    _Event("while.3", 0, 100, hlo_op="while.3"),
+                    _Event("fusion.1", 10, 40, hlo_op="fusion.1"),
+                    _Event("Await", 20, 30),
+                    _Event("ynn_fusion", 50, 90, hlo_op="ynn_fusion"),
+                    _Event("fusion.1", 120, 130, hlo_op="fusion.1"),
+                ],
+            ),
+            _Line("python", [_Event("train_once", 0, 200)]),
+        ],
+    )
+    where, times = gpu_bench.op_times(_Profile(host))
+    assert where == "host CPU threads"
+    assert times == {"while.3": 30, "fusion.1": 40, "ynn_fusion": 40}
+    assert sum(times.values()) == 110  # the while's 100 ns and the last op's 10, once each
+
+
+def test_op_times_prefers_the_accelerator(gpu_bench):
+    # With a device plane the host's op events (the launches) are not the ops' time: only the
+    # kernels count, by their hlo_op annotation, else by kernel name; module lines are skipped.
+    host = _Plane("/host:CPU", [_Line("t", [_Event("fusion.1", 0, 1000, hlo_op="fusion.1")])])
+    gpu = _Plane(
+        "/device:GPU:0",
+        [
+            _Line("XLA Modules", [_Event("jit_train_step", 0, 100)]),
+            _Line(
+                "Stream #7(Compute)",
+                [
+                    _Event("loop_add_fusion_kernel", 0, 5, hlo_op="%fusion.1 = f32[4] fusion()"),
+                    _Event("cutlass_gemm", 5, 25),
+                    _Event("loop_add_fusion_kernel", 30, 36, hlo_op="fusion.1"),
+                ],
+            ),
+        ],
+    )
+    where, times = gpu_bench.op_times(_Profile(host, gpu))
+    assert where == "/device:GPU:0"
+    assert times == {"fusion.1": 11, "cutlass_gemm": 20}
+    # An "XLA Ops" line, where the trace has one, is the per-op view: the streams would count
+    # the same time twice.
+    gpu.lines.append(_Line("XLA Ops", [_Event("fusion.1", 0, 11), _Event("gemm.2", 12, 32)]))
+    assert gpu_bench.op_times(_Profile(host, gpu))[1] == {"fusion.1": 11, "gemm.2": 20}
+
+
+@pytest.mark.parametrize(
+    "op_name, want",
+    [
+        (
+            "jit(step)/jvp(Net)/Net._forward/NeuralEPDO_0/NeuralEPDO_0._fourier/dot_general",
+            "forward NeuralEPDO_0",
+        ),
+        (
+            "jit(step)/transpose(jvp(Net))/Net._forward/FieldBatchNorm_2/mul",
+            "backward FieldBatchNorm_2",
+        ),
+        (
+            "jit(step)/Net._forward/Net.conv_norm_relu/PDOConv_0/conv_general_dilated",
+            "forward PDOConv_0",
+        ),
+        ("jit(step)/transpose(jvp(Sequential))/layers_2/reduce_sum", "backward layers_2"),
+        ("jit(step)/add", "other"),
+        ("", "other"),
+    ],
+)
+def test_layer_of(gpu_bench, op_name, want):
+    assert gpu_bench.layer_of(op_name) == want
+
+
+def test_op_profile_of_a_real_step(gpu_bench):
+    # A jitted training step of a two-layer Flax model on this machine: the profile finds
+    # its ops, names their layers from the compiled module's metadata, and the per-op times
+    # add up to the total.
+    import flax.linen as nn
+    import jax
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(256)(nn.relu(nn.Dense(256)(x)))
+
+    model = Net()
+    x = jnp.ones((512, 256))
+    params = model.init(jax.random.PRNGKey(0), x)
+    step = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x) ** 2)))
+    hlo = step.lower(params, x).compile().as_text()
+    p = gpu_bench.op_profile(lambda: step(params, x)["params"]["Dense_0"]["kernel"], 3, hlo)
+    assert p["where"] == "host CPU threads" and p["ops"] > 0 and p["wall_ms"] > 0
+    assert p["op_ms"] == pytest.approx(sum(v for _, v, _ in p["by_op"]))
+    assert p["op_ms"] == pytest.approx(sum(v for _, v in p["by_layer"]))
+    layers = {k for k, _ in p["by_layer"]}
+    assert {"forward Dense_0", "backward Dense_0", "backward Dense_1"} <= layers, layers
+    assert all(scope for _, _, scope in p["by_op"][:3])  # the largest ops have scopes
