@@ -230,6 +230,17 @@ def test_max_pool_matches_flax_including_ties():
     np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
 
 
+def test_max_pool_propagates_nan_like_flax():
+    # A NaN in a window pools to NaN, whichever corner it is in, in the plain forward pass
+    # and in the differentiated one (which also picks the gradient's corner).
+    x = jax.random.uniform(KEY, (1, 4, 4, 2))
+    x = x.at[0, 0, 1, 0].set(jnp.nan).at[0, 3, 3, 1].set(jnp.nan).at[0, 2, 0, 0].set(-jnp.inf)
+    want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    assert int(jnp.isnan(want).sum()) == 2
+    np.testing.assert_array_equal(layers.max_pool_2x2(x), want)
+    np.testing.assert_array_equal(jax.vjp(layers.max_pool_2x2, x)[0], want)
+
+
 @pytest.mark.parametrize(
     "group, unit",
     [
