@@ -102,11 +102,11 @@ class Bench:
     time goes (`op_profile`)."""
 
     def __init__(self, name: str, dtype: str, batch: int, impl: str | None = None):
-        self.name, self.dtype, self.batch, self.impl = name, dtype, batch, impl or "fourier"
         kw = dict(VARIANTS[name], dtype=dtype)
         if impl:
             kw["impl"] = impl
         model = models.NeuralEPDONet(**kw)
+        self.name, self.dtype, self.batch, self.impl = name, dtype, batch, model.impl
         key = jax.random.PRNGKey(0)
         self.x = jax.random.uniform(key, (batch, 28, 28, 1))
         self.y = jax.random.randint(key, (batch,), 0, 10)
