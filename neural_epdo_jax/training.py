@@ -230,9 +230,10 @@ def reset_adam_state(opt_state: optax.OptState, reset: jax.Array) -> optax.OptSt
     )
 
 
-def _state_from_variables(
+def state_from_variables(
     model: nn.Module, tx: optax.GradientTransformation, variables: dict
 ) -> TrainState:
+    """A fresh TrainState (step 0, new optimizer state) holding ``variables``."""
     state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -251,7 +252,7 @@ def create_train_state(
 ) -> TrainState:
     """Initialises the model's variables on one ``[1, *image_shape]`` input
     (`models.init_variables`: compiled once, cheaply) and the optimizer state."""
-    return _state_from_variables(model, tx, models.init_variables(model, rng, image_shape))
+    return state_from_variables(model, tx, models.init_variables(model, rng, image_shape))
 
 
 def abstract_train_state(
@@ -261,7 +262,7 @@ def abstract_train_state(
 
     def init(rng):
         x = jnp.zeros((1, *image_shape), jnp.float32)
-        return _state_from_variables(model, tx, model.init(rng, x, train=False))
+        return state_from_variables(model, tx, model.init(rng, x, train=False))
 
     return jax.eval_shape(init, jax.random.key(0))
 
