@@ -29,8 +29,8 @@ setup() {
 # A persistent XLA compilation cache makes reruns (and CI reruns) start fast.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/neural_epdo_jax/xla}
 export PYTHONUNBUFFERED=1
-# Transparent huge pages for XLA's CPU buffers (neural_epdo_jax/hostmem.py: R-gauss steps
-# 20-30% faster on 2 cores). NEURAL_EPDO_JAX_HUGE_PAGES=0 opts out; glibc < 2.35 ignores it.
+# Transparent huge pages for XLA's CPU buffers (neural_epdo_jax/hostmem.py: fewer page
+# faults, faster steps). NEURAL_EPDO_JAX_HUGE_PAGES=0 opts out; glibc < 2.35 ignores it.
 if [ "${NEURAL_EPDO_JAX_HUGE_PAGES:-1}" != 0 ] && [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then
   export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 fi

@@ -7,7 +7,7 @@ Each network runs in a fresh subprocess (empty memoisation caches). Imports, and
 first-trace overheads (a tiny warm-up network), are excluded. The network is traced with
 ``jax.eval_shape(model.init, ...)`` twice: the first trace builds the bases the layers ask
 for, the second finds them cached; "bases" is the difference, "trace" the second. The
-breakdown lists the memoised functions of `neural_epdo_jax.bases` that were called.
+breakdown lists the memoised functions of `neural_epdo_jax.core.bases` that were called.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def run_child(name: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from neural_epdo_jax import bases, models
+    from neural_epdo_jax import models
+    from neural_epdo_jax.core import bases
 
     kwargs = dict(VARIANTS[name])
     if _IMPL.value:

@@ -19,8 +19,9 @@ after each compilation the benchmark, like train.py, returns the compiler's free
 OS (`training.release_free_memory`). Timings on a shared machine are noisy: the load average is
 printed with the table. The persistent compilation cache is off in the subprocesses, so compile
 times and peaks are cold. On CPU the Neural ePDO layers use the fused C++ kernel of
-`neural_epdo_jax.kernels`; ``NEURAL_EPDO_JAX_CPU_KERNELS=0 python benchmarks/bench_model.py``
-measures the XLA formulation instead."""
+`neural_epdo_jax.layers.ops.cpu_kernel`;
+``NEURAL_EPDO_JAX_CPU_KERNELS=0 python benchmarks/bench_model.py`` measures the XLA
+formulation instead."""
 
 from __future__ import annotations
 

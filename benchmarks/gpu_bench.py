@@ -6,9 +6,8 @@ machine without the data stack. The step is the training step's computation: for
 cross-entropy, backward, coupled-L2 Adam update; eval is a forward pass in eval mode.
 
 A GPU step takes milliseconds, so a few steps timed once measure the clocks and the first
-calls as much as the step (the first GPU run's first variant, R-fd, came out 3-4x slower
-than R-gauss, and its bfloat16 run, later in the same process, faster than R-gauss's
-float32). So the device is first kept busy for ``--warmup_s``, every step runs a few
+calls as much as the step (a variant timed first in its process can come out several
+times slower than it is). So the device is first kept busy for ``--warmup_s``, every step runs a few
 untimed times after compiling, and the rate is the median over windows of ``--steps``
 calls, timed until at least 3 windows and ``--min_time_s`` seconds (`throughput`).
 

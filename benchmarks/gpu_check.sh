@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (performance issue): ONE script for a GPU machine with jax[cuda] installed.
+# GPU check: one script for a GPU machine with jax[cuda] installed.
 #  1. the exact equivariance tests of layers and models, on the GPU, with full-precision
 #     matmuls (TF32 would exceed the 1e-4 tolerances);
 #  2. train/eval throughput of the four paper variants, float32 and bfloat16, batch 64 and
@@ -17,7 +17,7 @@ if [ "$("$PY" -c 'import jax; print(jax.default_backend())')" != "gpu" ]; then
 fi
 t0=$(date +%s)
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${TEST_TIMEOUT:-200} "$PY" -m pytest -q -p no:cacheprovider \
-  tests/layers_test.py tests/models_test.py 2>&1 | tail -n 15
+  tests/layers/layers_test.py tests/models_test.py 2>&1 | tail -n 15
 tests_rc=${PIPESTATUS[0]}
 t1=$(date +%s)
 timeout ${BENCH_TIMEOUT:-330} "$PY" benchmarks/gpu_bench.py --budget_s=${BENCH_BUDGET:-240}

@@ -1,33 +1,13 @@
 """Default: a small C_8 Neural ePDO network on the bundled rotated digits, CPU-sized.
 
-The README's main command. It trains end to end on the 4,000 bundled rotated digits
-(``rotated_digits``, no download) and prints the test accuracy on its 1,000 test digits:
-
   bash run.sh train        # = python train.py --config=configs/default.py --workdir=runs/default
 
-Expected: test accuracy about 0.93-0.95. Measured 2026-11-29 on this project's 2-core CPU
-machine (an AMD EPYC this time) with the fused CPU kernel (v2) and huge pages: 0.9480 after
-the 8th epoch, the first at the lower learning rate; 20,466 parameters; 8 epochs of 125
-steps at 94-107 training images/s with the host split into one device per core (data
-parallel); a test evaluation after every epoch; 6 min 3 s wall (first step 3.7 s: its
-compiled step came from the persistent cache; cold, about 19 s). Runs are deterministic on
-one machine, but round-off changes the result by about 2 points: the same math summed in
-other orders (BatchNorm statistics, one device instead of two, the kernel instead of XLA's
-loops, the flat Adam update) gave 0.9340, 0.9380, 0.9450 (kernel v1, 75-88 img/s, 7 min 50
-s), 0.9480, 0.9500 (flat Adam, 87-90 img/s on a slower day, 6 min 52 s with a cold compile),
-0.9440 (channel-major activations, the same day: 96-109 img/s, 6 min 2 s, cold), 0.9390
-(best 0.9420 at epoch 7; memory-optimised scheduler, block 1 recomputed, evaluation at one
-image per chunk: 104-121 img/s, 5 min 45 s, cold), 0.9450 (grouped generator, kernel rows
-in whole vectors: 136-146 img/s after the first epoch, 4 min 43 s, cold), 0.9450 (inference
-a few images at a time, on a slower afternoon: 96-142 img/s, 5 min 0 s, cold) and 0.9530
-(twice, on the Intel machine of 2026-11-27 without the kernel, 58-69 img/s, 9.5-10.5 min).
-An earlier one-device tree (0.9530): `--config.num_epochs=10` reached 0.9550 (best 0.9560 at
-epoch 9) in 12 min 46 s; moving the drop earlier, `--config.lr_boundaries_epochs='(7,)'`,
-gave 0.9440 after 8 epochs.
-Rerunning the same command resumes from the latest checkpoint in runs/default.
-Evaluate (accuracy + rotation sweep): ``bash run.sh eval --workdir=runs/default``.
-
-The paper's experiments are the ``mnist_rot_*.py`` configs, which override this one.
+Trains 8 epochs on the 4,000 bundled rotated digits (no download) and prints the accuracy
+on their 1,000 test digits; rerunning resumes from runs/default.
+Expected: test accuracy 0.93-0.95 (0.948 on a 2-core CPU). Runs are deterministic on one
+machine; summing in another order (another device count, the XLA formulation instead of
+the C++ kernel) moves the result within that range. 20,466 parameters.
+Cost: about 5-6 minutes on 2 CPU cores.
 """
 
 import ml_collections
@@ -47,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.idx_rotate = False  # 'idx' only: rotate each image by a seeded uniform angle.
     config.num_train_examples = -1  # -1: the whole split; else a fixed subset of N examples.
     config.num_test_examples = -1
-    # 'reference' | 'bilinear' | 'none' (SPEC 7). The bundled digits are already rotated at
+    # 'reference' | 'bilinear' | 'none' (README, "Data"). The bundled digits are already rotated at
     # random and the network is C8-equivariant: without augmentation it learns fastest.
     config.augmentation = "none"
 

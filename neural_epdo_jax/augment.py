@@ -5,7 +5,7 @@ image counter-clockwise as displayed (row 0 at the top), about the centre ((H-1)
 in pixel indices; so a quarter turn equals ``jnp.rot90(x, k=1, axes=(1, 2))``. Output pixel p
 samples the input at R(-angle) p; samples outside the image read 0 (zero fill).
 
-Methods (SPEC section 7):
+Methods (docs/design.md, "Training protocol"):
 
 * ``'reference'``: the reference's train transform. Upsample 28 -> 84 (bilinear, half-pixel
   centres, like torchvision/PIL ``Resize``), rotate by an angle uniform in [-180, 180] degrees

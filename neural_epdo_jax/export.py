@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import bases, fields, groups, layers, models, parallel
+from neural_epdo_jax import layers, models, parallel
+from neural_epdo_jax.core import bases, fields, groups
 
 Arrays = tuple[dict[str, jax.Array], ...]
 

@@ -2,12 +2,11 @@
 
 XLA's CPU runtime allocates the large temporaries of every step afresh; glibc serves them
 with ``mmap`` and unmaps them when they are freed, so each step first touches hundreds of MB
-of new 4 KiB pages. Measured on the project's 2-core machine, one R-gauss training step at
-batch 32 on one device took 88,000 page faults (0.3 s of kernel time in a 2.2 s step), and in
-a data-parallel run the two devices' faults contend for the process's memory map. glibc 2.35+
-can ask for transparent huge pages on those mappings (the tunable ``glibc.malloc.hugetlb=1``),
-which leaves about 500 faults per step. R-gauss, 2 devices, batch 64 / 256, back to back:
-training 18.1-18.3 -> 22.6-23.5 img/s, evaluation 77-84 -> 99-110 img/s, the same peak RSS.
+of new 4 KiB pages: tens of thousands of page faults per training step, and in a
+data-parallel run the devices' faults contend for the process's memory map. glibc 2.35+ can
+ask for transparent huge pages on those mappings (the tunable ``glibc.malloc.hugetlb=1``),
+which leaves a few hundred faults per step: training and evaluation about a quarter faster
+at the same peak memory (docs/performance.md).
 
 glibc reads tunables only when a process starts. ``run.sh`` exports the tunable, and the
 command-line entry points (train.py, ``python -m neural_epdo_jax.evaluate``, the model
@@ -80,12 +79,12 @@ def huge_page_env(
 def reexec_with_huge_pages() -> None:
     """Starts this command again (same interpreter, same command line) with the huge-page
     tunable when `huge_page_env` adds it; returns when it does not. Call it first thing in a
-    command-line entry point, before threads start or files open. Interactive sessions and
-    code read from stdin or ``-c`` are left alone."""
+    command-line entry point, before threads start or files open. An interactive
+    interpreter and code read from stdin or ``-c`` are left alone."""
     new = huge_page_env(os.environ)
     argv = list(getattr(sys, "orig_argv", []))
     # sys.argv[0]: the script or module path; '-c' for code given on the command line,
-    # '' or '-' for an interactive session or code read from stdin.
+    # '' or '-' for an interactive interpreter or code read from stdin.
     if new is None or not argv or not sys.executable or sys.flags.interactive:
         return
     if sys.argv[0] in ("", "-", "-c"):

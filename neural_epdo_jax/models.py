@@ -1,4 +1,4 @@
-"""The MNIST-rot networks of the paper (the reference's ``pdo_net``, SPEC section 6)."""
+"""The MNIST-rot networks of the paper (the reference's ``pdo_net``; docs/design.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import fields, groups, layers, parallel, stencils, variants
+from neural_epdo_jax import layers, parallel, variants
+from neural_epdo_jax.core import fields, groups, stencils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,8 @@ class NeuralEPDONet(nn.Module):
             raise ValueError(
                 f"g must be >= 1 (fields per partition) or -1 (linear ePDOs), got {self.g}."
             )
-        layers._dtype(self.dtype)
-        layers._check_impl(self.impl)
+        layers.as_dtype(self.dtype)
+        layers.check_impl(self.impl)
         group = groups.Group(self.n, self.flip)
         unit = fields.parse_unit(self.field_type)
         if self.flip and any(name != "regular" for name, _ in unit):
@@ -169,9 +170,8 @@ class NeuralEPDONet(nn.Module):
         chunk = self.chunk if self.chunk is not None or train else layers.default_chunk(False)
         x = x.astype(jnp.dtype(dt))
         # Between Neural ePDO blocks the activations stay channel-major, [B, d, F, H, W]:
-        # the layers' own layout, so no block transposes its input or output (R-gauss
-        # training 11.5 -> 13.8 img/s on one core, temporaries 343 -> 296 MiB per device).
-        # The baseline (linear ePDOs, g = -1) stays NHWC.
+        # the layers' own layout, so no block transposes its input or output (faster, and
+        # less temporary memory). The baseline (linear ePDOs, g = -1) stays NHWC.
         cm = self.impl == "fourier" and self.g != -1
         for i, blk in enumerate(plan):
             if blk.restrict_before:
@@ -179,8 +179,8 @@ class NeuralEPDONet(nn.Module):
 
             # Block 1 (a linear ePDO conv) goes channel-major at its conv's output in inference
             # (the input's patches times the kernel: no transpose), but in training after its
-            # ReLU (one transpose): there the conv's output channel-major raised XLA's
-            # temporaries by 27 MiB per device (R-gauss, batch 32) for no speed.
+            # ReLU (one transpose): there the conv's output channel-major costs XLA more
+            # temporary memory for no speed.
             cm_from_conv = cm and (i > 0 or not train)
 
             def conv_norm_relu(_module, x, mask, i=i, blk=blk, cm_from_conv=cm_from_conv):
@@ -214,8 +214,7 @@ class NeuralEPDONet(nn.Module):
                 return layers.to_channel_major(x, blk.out_type) if cm != cm_from_conv else x
 
             # Block 1 (one input channel: a cheap conv) is recomputed in the backward pass
-            # rather than keeping its conv's output, the size of its ReLU's (R-gauss: 25 MB
-            # per device less at the peak).
+            # rather than keeping its conv's output, the size of its ReLU's (a lower peak).
             x = (nn.remat(conv_norm_relu) if i == 0 else conv_norm_relu)(self, x, mask)
             if i >= 2:
                 x = layers.ChannelDropout(

@@ -41,13 +41,13 @@ from neural_epdo_jax import (
     augment,
     checkpointing,
     evaluate,
-    fields,
     layers,
     models,
     parallel,
     testing,
     training,
 )
+from neural_epdo_jax.core import fields
 
 REPORT_JSON = "report.json"
 EQUIVARIANCE_PNG = "report_equivariance.png"

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import fields, groups
+from neural_epdo_jax.core import fields, groups
 
 
 def _act(x: jax.Array, ftype: fields.FieldType | None, group: groups.Group, g, *, spatial: bool):

@@ -1,5 +1,5 @@
 """The paper's MNIST-rot networks as `models.NeuralEPDONet` arguments (the README's variants
-table; the reference's `pdo_net` flags, SPEC 6). Plain data with no imports, so that scripts
+table; the reference's `pdo_net` flags). Plain data with no imports, so that scripts
 can list the variants before importing JAX; `models.PAPER_VARIANTS` is the same dict."""
 
 PAPER_VARIANTS: dict[str, dict] = {

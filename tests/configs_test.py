@@ -1,4 +1,5 @@
-"""Every config file loads, validates and builds its model; the paper variants follow SPEC 6-7."""
+"""Every config file loads, validates and builds its model; the paper variants follow the
+reference's experiments (docs/design.md)."""
 
 import glob
 import importlib
@@ -18,7 +19,7 @@ CONFIG_NAMES = sorted(
 NAMED_CONFIGS = [(name, name) for name in CONFIG_NAMES]
 PAPER = ("regular_fd", "regular_gauss", "quotient_gauss", "dihedral_gauss", "pdo_econv")
 
-# SPEC 6: the four experiments (and the linear baseline with R-fd's channels).
+# The four experiments (and the linear baseline with R-fd's channels).
 PAPER_MODELS = {
     "regular_fd": dict(
         flip=False, field_type="regular", channels=(16, 24, 32, 32, 48, 64), g=4, s=4,
@@ -42,7 +43,7 @@ PAPER_MODELS = {
     ),
 }  # fmt: skip
 
-# SPEC 7: the protocol shared by all of them.
+# The training protocol shared by all of them.
 PAPER_PROTOCOL = dict(
     dataset="mnist_rot",
     train_split="train",

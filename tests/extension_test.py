@@ -15,17 +15,8 @@ from absl.testing import absltest
 from ml_collections import config_flags
 
 from configs import test as test_config
-from neural_epdo_jax import (
-    bases,
-    export,
-    fields,
-    groups,
-    layers,
-    models,
-    stencils,
-    testing,
-    training,
-)
+from neural_epdo_jax import export, layers, models, testing, training
+from neural_epdo_jax.core import bases, fields, groups, stencils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 O0 = {"xla_backend_optimization_level": 0}  # one-off compiles: compile time dominates

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from neural_epdo_jax import bases, fields, groups, kernels, layers, models, testing, training
+from neural_epdo_jax import layers, models, testing, training
+from neural_epdo_jax.core import bases, fields, fourier, groups
+from neural_epdo_jax.layers.ops import blocks, cpu_kernel
 
 KEY = jax.random.PRNGKey(0)
 
@@ -187,7 +189,7 @@ def test_normalised_apply_gradient_matches_autodiff(use_kernels):
         )
 
     want, vjp_want = jax.vjp(reference, x, w)
-    with contextlib.nullcontext() if use_kernels else kernels.disabled():
+    with contextlib.nullcontext() if use_kernels else cpu_kernel.disabled():
         got, vjp_got = jax.vjp(lambda x, w: layers.normalised_apply(x, w, 3), x, w)
         grads = vjp_got(g)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -199,23 +201,23 @@ def test_normalised_apply_gradient_matches_autodiff(use_kernels):
     "a_shape, b_shape", [((3, 4), (4, 6)), ((3, 4), (5, 4, 6)), ((3, 3, 4), (2, 3, 4, 6))]
 )
 def test_block_matmul_and_gradients_match_matmul(a_shape, b_shape):
-    """`layers.block_matmul` (a broadcast over b's leading axes) and its backward pass, which
+    """`blocks.block_matmul` (a broadcast over b's leading axes) and its backward pass, which
     multiplies by the stored transpose, against jnp.matmul differentiated by JAX."""
     ka, kb, kg = jax.random.split(KEY, 3)
     a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
     want, vjp_want = jax.vjp(jnp.matmul, a, b)
-    got, vjp_got = jax.vjp(layers.block_matmul, a, b)
+    got, vjp_got = jax.vjp(blocks.block_matmul, a, b)
     g = jax.random.normal(kg, want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for x, y in zip(vjp_got(g), vjp_want(g)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
     c = np.asarray(a)  # a constant transform
-    np.testing.assert_allclose(layers.const_matmul(c, b), want, rtol=1e-5, atol=1e-5)
-    _, vjp_c = jax.vjp(lambda b: layers.const_matmul(c, b), b)
+    np.testing.assert_allclose(blocks.const_matmul(c, b), want, rtol=1e-5, atol=1e-5)
+    _, vjp_c = jax.vjp(lambda b: blocks.const_matmul(c, b), b)
     np.testing.assert_allclose(vjp_c(g)[0], vjp_want(g)[1], rtol=1e-5, atol=1e-5)
     # Negative control: the backward pass does use the stored transpose (a wrong one shows).
     pair = (a, jnp.swapaxes(a, -1, -2) + 1.0)
-    _, vjp_bad = jax.vjp(lambda b: layers.block_matmul(pair, b), b)
+    _, vjp_bad = jax.vjp(lambda b: blocks.block_matmul(pair, b), b)
     assert float(jnp.max(jnp.abs(vjp_bad(g)[0] - vjp_want(g)[1]))) > 1e-2
 
 
@@ -261,7 +263,7 @@ def test_bases_fast_forms(group, unit):
             bases._generator_block_generic(group, name, "gauss", 4, 5),
             atol=1e-12,
         )
-    phi = bases.fourier_matrix(group, unit)
+    phi = fourier.fourier_matrix(group, unit)
     d = phi.shape[2]
     np.testing.assert_allclose(np.einsum("kbd,kbe->de", phi, phi), np.eye(d), atol=1e-12)
     lin = bases.linear_basis(group, unit, unit)
@@ -273,7 +275,7 @@ def test_bases_fast_forms(group, unit):
     rng = np.random.default_rng(0)
     w, h = rng.normal(size=dense.shape[0]), rng.normal(size=group.order)
     want = np.einsum("n,nqh,h->q", w, dense, h).reshape(-1, 25)
-    phi_r = bases.fourier_matrix(group, (("regular", 1),))
+    phi_r = fourier.fourier_matrix(group, (("regular", 1),))
     got = np.zeros_like(want)
     a, order = gf.untwist.shape[1], group.order
     for off, start in gf.regular_blocks:
@@ -298,7 +300,7 @@ def test_dihedral_slots_split_by_the_mirror(n):
     check that builds the blocks refuses them."""
     dn, cn = groups.Group(n, True), groups.Group(n)
     reg = (("regular", 1),)
-    phi_d, phi_c = bases.fourier_matrix(dn, reg), bases.fourier_matrix(cn, reg)
+    phi_d, phi_c = fourier.fourier_matrix(dn, reg), fourier.fourier_matrix(cn, reg)
     assert phi_d.shape == (2 * phi_c.shape[0], 2, 2 * n)
     assert phi_c.shape[1] == 2
     blocks = bases.linear_basis_fourier(dn, reg, reg)

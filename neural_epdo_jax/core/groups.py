@@ -1,7 +1,7 @@
 """Planar symmetry groups C_N and D_N, their permutation representations, and their action
 on partial derivatives.
 
-Conventions (SPEC section 1-2), pinned once by `tests/groups_test.py`:
+Conventions (docs/design.md), pinned once by `tests/core/groups_test.py`:
 
 * A group element is a pair ``(flip, k)`` meaning ``r^k m^flip``: first the mirror (if
   ``flip == 1``), then the rotation by ``2*pi*k/N`` counter-clockwise.
@@ -168,7 +168,7 @@ def element_index(group: Group, g: Element) -> int:
 
 def _regular_index(group: Group, g: Element) -> int:
     # Component (0, j) <-> r^j, component (1, j) <-> r^-j m: r shifts the first block forward,
-    # the second backward, and m swaps the blocks (SPEC section 2).
+    # the second backward, and m swaps the blocks.
     f, k = group.check(g)
     return k if f == 0 else group.n + (-k) % group.n
 
@@ -189,7 +189,7 @@ def representation(group: Group, name: str) -> PermRep:
     elems = group.elements()
     if name == "trivial":
         perms = np.zeros((group.order, 1), dtype=np.int64)
-        return PermRep("trivial", 1, _ro(perms), ((0, 0),), group.generators())
+        return PermRep("trivial", 1, read_only(perms), ((0, 0),), group.generators())
     if name == "regular":
         dim = group.order
         reps = [None] * dim
@@ -199,7 +199,7 @@ def representation(group: Group, name: str) -> PermRep:
             [[_regular_index(group, group.multiply(g, h)) for h in reps] for g in elems],
             dtype=np.int64,
         )
-        return PermRep("regular", dim, _ro(perms), tuple(reps), ())
+        return PermRep("regular", dim, read_only(perms), tuple(reps), ())
     mm = int(m.group(2))
     if group.flip:
         raise ValueError(
@@ -214,7 +214,7 @@ def representation(group: Group, name: str) -> PermRep:
     dim = group.n // mm
     perms = np.array([[(i + k) % dim for i in range(dim)] for (_, k) in elems], dtype=np.int64)
     gens = ((0, dim % group.n),) if mm > 1 else ()
-    return PermRep(name, dim, _ro(perms), tuple((0, i) for i in range(dim)), gens)
+    return PermRep(name, dim, read_only(perms), tuple((0, i) for i in range(dim)), gens)
 
 
 def rep_matrix(group: Group, name: str, g: Element) -> np.ndarray:
@@ -282,6 +282,8 @@ def intertwiner_dimension(group: Group, chi_in: np.ndarray, chi_out: np.ndarray)
     return int(round(float(np.dot(chi_in, chi_out)) / group.order))
 
 
-def _ro(a: np.ndarray) -> np.ndarray:
+def read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` as a contiguous array that cannot be written (the bases' constants)."""
+    a = np.ascontiguousarray(a)
     a.setflags(write=False)
     return a

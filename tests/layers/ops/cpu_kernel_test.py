@@ -1,4 +1,4 @@
-"""The fused CPU kernels of `neural_epdo_jax.kernels` against the XLA formulation.
+"""The fused CPU kernels of `neural_epdo_jax.layers.ops.cpu_kernel` against the XLA formulation.
 
 The whole network with the kernels (the default on CPU) is compared with the straightforward
 formulation in perf_equivalence_test.py, and its equivariance is tested in models_test.py."""
@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neural_epdo_jax import kernels, layers
+from neural_epdo_jax import layers
+from neural_epdo_jax.layers.ops import cpu_kernel, normalised_apply
 
 KEY = jax.random.PRNGKey(0)
 
 pytestmark = pytest.mark.skipif(
-    not kernels.available(warn=False) or jax.default_backend() != "cpu",
-    reason=f"CPU kernels unavailable: {kernels._load()}",
+    not cpu_kernel.available(warn=False) or jax.default_backend() != "cpu",
+    reason=f"CPU kernels unavailable: {cpu_kernel._load()}",
 )
 
 
@@ -55,23 +56,27 @@ SHAPES = [
 @pytest.mark.parametrize("shape, k, groups", SHAPES)
 def test_kernels_match_xla_formulation(shape, k, groups):
     x, w, g = _operands(shape, k, groups=groups)
-    out, scale = jax.jit(kernels.normalised_apply_fwd, static_argnums=2)(x, w, k)
-    want_out, want_scale = jax.jit(layers._normalised_apply_fwd_impl, static_argnums=2)(x, w, k)
+    out, scale = jax.jit(cpu_kernel.normalised_apply_fwd, static_argnums=2)(x, w, k)
+    want_out, want_scale = jax.jit(normalised_apply.normalised_apply_fwd_xla, static_argnums=2)(
+        x, w, k
+    )
     assert out.shape == x.shape and scale.shape == x.shape[2:]
     assert _rel(want_out, out) < 1e-5
     assert _rel(want_scale, scale) < 1e-6
-    gx, gw = jax.jit(kernels.normalised_apply_bwd, static_argnums=5)(x, w, scale, out, g, k)
-    want_gx, want_gw = jax.jit(layers._na_bwd_xla, static_argnums=0)(k, x, w, want_scale, g)
+    gx, gw = jax.jit(cpu_kernel.normalised_apply_bwd, static_argnums=5)(x, w, scale, out, g, k)
+    want_gx, want_gw = jax.jit(normalised_apply.normalised_apply_bwd_xla, static_argnums=0)(
+        k, x, w, want_scale, g
+    )
     assert gw.shape == w.shape
     assert _rel(want_gx, gx) < 1e-5
     assert _rel(want_gw, gw) < 1e-5
     # Negative controls: the same comparison catches taps applied mirrored (w[t] at -off_t),
     # and, with two operators per group, the operators of a group read in the wrong order.
-    bad, _ = kernels.normalised_apply_fwd(x, w[:, :, ::-1], k)
+    bad, _ = cpu_kernel.normalised_apply_fwd(x, w[:, :, ::-1], k)
     assert _rel(want_out, bad) > 1e-2
     if w.shape[3] > 1 and groups > 1:
         swapped = jnp.moveaxis(w, 0, 3).reshape((1,) + w.shape[1:3] + (-1,) + w.shape[4:])
-        bad, _ = kernels.normalised_apply_fwd(x, swapped, k)
+        bad, _ = cpu_kernel.normalised_apply_fwd(x, swapped, k)
         assert _rel(want_out, bad) > 1e-2
 
 
@@ -83,12 +88,12 @@ def test_taps_in_parts_match_the_whole(sizes, groups):
     k = 5
     x, w, g = _operands((sum(sizes), 2, 2, 1, 6, 9), k, seed=4, groups=groups)
     parts = tuple(jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=1))
-    out, scale = kernels.normalised_apply_fwd(x, parts, k)
-    want_out, want_scale = kernels.normalised_apply_fwd(x, w, k)
+    out, scale = cpu_kernel.normalised_apply_fwd(x, parts, k)
+    want_out, want_scale = cpu_kernel.normalised_apply_fwd(x, w, k)
     np.testing.assert_array_equal(out, want_out)
     np.testing.assert_array_equal(scale, want_scale)
-    gx, gw = kernels.normalised_apply_bwd(x, parts, scale, out, g, k)
-    want_gx, want_gw = kernels.normalised_apply_bwd(x, w, scale, out, g, k)
+    gx, gw = cpu_kernel.normalised_apply_bwd(x, parts, scale, out, g, k)
+    want_gx, want_gw = cpu_kernel.normalised_apply_bwd(x, w, scale, out, g, k)
     assert isinstance(gw, tuple) and [p.shape for p in gw] == [p.shape for p in parts]
     np.testing.assert_array_equal(gx, want_gx)
     np.testing.assert_array_equal(jnp.concatenate(gw, axis=1), want_gw)
@@ -100,13 +105,13 @@ def test_taps_in_parts_match_the_whole(sizes, groups):
     for use_kernel in (True, False):
         with contextlib.ExitStack() as stack:
             if not use_kernel:
-                stack.enter_context(kernels.disabled())
+                stack.enter_context(cpu_kernel.disabled())
             got_x, got_w = jax.jit(jax.grad(loss, (0, 1)))(x, parts)
         assert isinstance(got_w, tuple) and len(got_w) == len(sizes)
         assert _rel(want[0], got_x) < 1e-5
         assert _rel(want[1], jnp.concatenate(got_w, axis=1)) < 1e-5
     # Negative control: the parts in the wrong order.
-    bad, _ = kernels.normalised_apply_fwd(x, parts[::-1], k)
+    bad, _ = cpu_kernel.normalised_apply_fwd(x, parts[::-1], k)
     assert _rel(want_out, bad) > 1e-2
     with pytest.raises(ValueError, match="d_0 \\+ d_1"):
         layers.normalised_apply(x, parts[1:], k)
@@ -122,16 +127,16 @@ def test_normalised_apply_rejects_mismatched_taps():
 
 def test_normalised_apply_takes_the_kernel():
     """`layers.normalised_apply` calls the kernels on CPU (float32) in both passes, and
-    `kernels.disabled()` removes them. (Its gradient against autodiff of the straightforward
+    `cpu_kernel.disabled()` removes them. (Its gradient against autodiff of the straightforward
     formula, on both paths: perf_equivalence_test.test_normalised_apply_gradient_matches_autodiff.)"""
     k = 3
     x, w, g = _operands((3, 2, 2, 2, 6, 7), k, seed=3)
     fn = functools.partial(layers.normalised_apply, kernel_size=k)
     hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) * g), (0, 1))).lower(x, w).as_text()
-    assert kernels._FWD in hlo and kernels._BWD in hlo
-    with kernels.disabled():
+    assert cpu_kernel._FWD in hlo and cpu_kernel._BWD in hlo
+    with cpu_kernel.disabled():
         hlo = jax.jit(lambda x, w: fn(x, w)).lower(x, w).as_text()
-    assert kernels._FWD not in hlo  # the switch works, so the XLA tests test the XLA path
+    assert cpu_kernel._FWD not in hlo  # the switch works, so the XLA tests test the XLA path
     # vmap (a batch of independent calls) goes through the kernels one call at a time.
     xs, ws = jnp.stack([x, 2 * x]), jnp.stack([w, -w])
     np.testing.assert_allclose(
@@ -141,9 +146,9 @@ def test_normalised_apply_takes_the_kernel():
 
 def test_other_dtypes_and_sizes_use_the_xla_formulation():
     x, w, _ = _operands((2, 1, 2, 1, 5, 5), 3)
-    assert kernels.use_for(x, w, 3)
-    assert not kernels.use_for(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 3)
-    assert not kernels.use_for(x, jnp.zeros(w.shape[:2] + (81,) + w.shape[3:]), 9)
+    assert cpu_kernel.use_for(x, w, 3)
+    assert not cpu_kernel.use_for(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 3)
+    assert not cpu_kernel.use_for(x, jnp.zeros(w.shape[:2] + (81,) + w.shape[3:]), 9)
     fn = jax.jit(functools.partial(layers.normalised_apply, kernel_size=3))
     y = fn(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
@@ -151,17 +156,17 @@ def test_other_dtypes_and_sizes_use_the_xla_formulation():
 
 def test_unavailable_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
     """No compiler: a warning names the reason, and the layer still runs (XLA formulation)."""
-    monkeypatch.setattr(kernels, "_compiler", lambda: None)
-    kernels._load.cache_clear()
-    kernels._warn_once.cache_clear()
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    cpu_kernel._load.cache_clear()
+    cpu_kernel._warn_once.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-            assert not kernels.available()
+            assert not cpu_kernel.available()
         x, w, _ = _operands((2, 1, 2, 1, 5, 5), 3)
-        assert not kernels.use_for(x, w, 3)
+        assert not cpu_kernel.use_for(x, w, 3)
         hlo = jax.jit(lambda x, w: layers.normalised_apply(x, w, 3)).lower(x, w).as_text()
-        assert kernels._FWD not in hlo
+        assert cpu_kernel._FWD not in hlo
     finally:
         monkeypatch.undo()
-        kernels._load.cache_clear()
-        assert kernels.available()
+        cpu_kernel._load.cache_clear()
+        assert cpu_kernel.available()

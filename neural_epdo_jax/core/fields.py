@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import groups
+from neural_epdo_jax.core import groups
 
 Unit = tuple[tuple[str, int], ...]
 
@@ -72,6 +72,15 @@ class FieldType:
     def reps(self) -> tuple[str, ...]:
         """The representation of each block of one field, multiplicities expanded."""
         return tuple(name for name, mult in self.unit for _ in range(mult))
+
+    @property
+    def rep_offsets(self) -> tuple[tuple[str, int], ...]:
+        """(representation, first component) of each block of one field."""
+        out, off = [], 0
+        for name in self.reps:
+            out.append((name, off))
+            off += groups.representation(self.group, name).dim
+        return tuple(out)
 
     @property
     def field_size(self) -> int:

@@ -1,7 +1,8 @@
 // CPU kernels (XLA FFI) for neural_epdo_jax.layers.normalised_apply: steps 3-4 of the Neural
 // ePDO layer, out = scale * sum_t w_t x(. + off_t) with scale = 0.2 / (0.2 sum |w| + 0.01),
-// and its backward pass. The formulas are those of layers._normalised_apply_fwd_impl and
-// layers._na_bwd_xla; tests/kernels_test.py checks both against that XLA path.
+// and its backward pass. The formulas are those of normalised_apply_fwd_xla and
+// normalised_apply_bwd_xla (normalised_apply.py); tests/layers/ops/cpu_kernel_test.py checks
+// both against that XLA path.
 //
 // Arrays are channel-major planes: x, out, gout [d, Q, G, M, H, W]; w, gw [S, d, T, G / S, M,
 // H, W] (operator gi = j * G / S + l is at (j, l): the generator's output is grouped like that)
@@ -15,10 +16,9 @@
 // Each (g, m) plane group is copied into zero-padded scratch planes whose rows are whole
 // vectors, and the taps into a scratch that holds the T tap vectors of a position next to
 // each other, so the inner loops are branch-free vector multiply-adds whose loads sit at
-// compile-time offsets (1.2-1.7x faster than loads at per-tap offsets read from a table).
+// compile-time offsets (faster than loads at per-tap offsets read from a table).
 // Vectors are 8 floats, or 16 where the compiler targets AVX-512 and the planes are wider
-// than 8 (`Simd`; a D-gauss layer's forward + backward on 28 x 28 and 14 x 14 images 4-12%
-// faster on an AVX-512 Xeon).
+// than 8 (`Simd`).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -269,8 +269,8 @@ struct Simd {
   //     the shifted taps wbar_u(p) = w_t(p - off_t), u = T - 1 - t, and gs_q read at
   //     (i + u / K, j + u % K) of a frame padded by R;
   //   gw_t(p) = sum_q gs_q(p) x_q(p + off_t) + sign(w_t(p)) dl1(p), one tap row (K taps) per
-  //     pass over q, then the L1 term in a separate pass (adding it as each vector is stored
-  //     was not faster).
+  //     pass over q, then the L1 term in a separate pass (as fast as adding it as each
+  //     vector is stored, and simpler).
   template <int K>
   static ffi::Error Backward(const Shape& s, ffi::Buffer<ffi::F32> x, const TapParts<const float*>& w,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> out,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from neural_epdo_jax import bases, fields, groups, layers, testing
+from neural_epdo_jax import layers, testing
+from neural_epdo_jax.core import bases, fields, groups
 
 C4, C8, D4 = groups.Group(4), groups.Group(8), groups.Group(4, True)
 KEY = jax.random.PRNGKey(0)
@@ -209,7 +210,7 @@ def test_pdo_conv_channel_major_output_matches_nhwc():
     # Control: the same weights applied with the taps mirrored (a slip in the patches).
     basis = bases.pdo_basis(C4, t_in.unit, t_out.unit, "gauss", 4, 5)
     kernel = layers.expand_pdo_kernel(v["params"]["weight"], basis)
-    mirrored = layers._conv_channel_major(x, kernel[::-1], 3, t_out.field_size)
+    mirrored = layers.conv.conv_channel_major(x, kernel[::-1], 3, t_out.field_size)
     assert np.max(np.abs(mirrored - conv_cm.apply(v, x))) > 1e-2
 
 

@@ -23,15 +23,9 @@ from collections.abc import Callable
 import numpy as np
 import scipy.linalg
 
-from neural_epdo_jax import fields, groups, stencils
+from neural_epdo_jax.core import fields, fourier, groups, stencils
 
 Matrices = Callable[[groups.Element], np.ndarray]
-
-
-def _ro(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    a.setflags(write=False)
-    return a
 
 
 def _orthonormal_rows(x: np.ndarray) -> np.ndarray:
@@ -93,13 +87,8 @@ def _embed(blocks: list[tuple[np.ndarray, int, int]], d_out: int, d_in: int) -> 
     return np.concatenate(parts, axis=0)
 
 
-def _offsets(group: groups.Group, unit: fields.Unit) -> list[tuple[str, int]]:
-    ft = fields.FieldType(group, unit)
-    out, off = [], 0
-    for name in ft.reps:
-        out.append((name, off))
-        off += groups.representation(group, name).dim
-    return out
+def _offsets(group: groups.Group, unit: fields.Unit) -> tuple[tuple[str, int], ...]:
+    return fields.FieldType(group, unit).rep_offsets
 
 
 def _check_unit(group: groups.Group, unit) -> fields.Unit:
@@ -131,7 +120,7 @@ def linear_basis(group: groups.Group, in_unit: fields.Unit, out_unit: fields.Uni
     d_in = fields.FieldType(group, in_unit).field_size
     d_out = fields.FieldType(group, out_unit).field_size
     blocks = [(_linear_pair(group, ri, ro), oo, io) for ro, oo in outs for ri, io in ins]
-    return _ro(_embed(blocks, d_out, d_in))
+    return groups.read_only(_embed(blocks, d_out, d_in))
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,7 +172,7 @@ def pdo_basis(
     max_order: int = 4,
     size: int = 5,
 ) -> np.ndarray:
-    """Basis of equivariant linear PDO kernels (PDO-eConv, SPEC section 4).
+    """Basis of equivariant linear PDO kernels (PDO-eConv; docs/design.md).
 
     For each order k the coefficient matrices A_k solve
     ``A_k (rho_in (x) D_k)(g) = rho_out(g) A_k`` (so ``sum_alpha A_k,alpha d^alpha`` commutes
@@ -205,7 +194,7 @@ def pdo_basis(
         for ri, io in ins
     ]
     out = _embed(blocks, d_out, d_in)
-    return _ro(out.reshape(out.shape[0], d_out, d_in, size, size))
+    return groups.read_only(out.reshape(out.shape[0], d_out, d_in, size, size))
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,7 +282,7 @@ def generator_basis(
     max_order: int = 4,
     size: int = 5,
 ) -> np.ndarray:
-    """Basis of the Neural ePDO generator's last layer (SPEC section 5).
+    """Basis of the Neural ePDO generator's last layer (docs/design.md).
 
     Equivariant maps from one regular field (the hidden features) to the coefficients of one
     spatially varying operator per component of ``unit``: the coefficients transform with
@@ -314,94 +303,14 @@ def generator_basis(
         b = _generator_block(group, rep, discretisation, max_order, size)
         blocks.append((b[:, :, None, :], off * p, 0))
     out = _embed(blocks, d_unit * p, 1)
-    return _ro(out[:, :, 0, :] if out.ndim == 4 else out.reshape(0, d_unit * p, group.order))
+    return groups.read_only(
+        out[:, :, 0, :] if out.ndim == 4 else out.reshape(0, d_unit * p, group.order)
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Group-Fourier forms (performance): the same bases in coordinates where they are block
 # diagonal. Used by the layers' fast path; the dense forms above stay the definition.
-
-
-def fourier_slots(group: groups.Group) -> tuple[tuple[tuple[int, ...], int], ...]:
-    """The slots of the group-Fourier transform: (rotation frequencies, mirror eigenvalue).
-
-    Frequencies: slot 0 holds 0 and N/2 (N even), slot k (1 <= k < N/2) the frequency k (with
-    -k). C_N: one slot per frequency group, mirror eigenvalue 0 (none). D_N: each frequency
-    group is split by the mirror's eigenvalue (+1, then -1). Every C_N- or D_N-equivariant
-    linear map between two representations commutes with the rotations, so it maps each
-    frequency's isotypic component to itself, and (D_N) with the mirror, which commutes with
-    those projections, so it keeps the mirror's eigenspaces inside them too: it is block
-    diagonal over the slots. For D_N the split halves the slots' width (the regular
-    representation: 2 instead of 4), and so the multiply-adds of a map between regular
-    fields (D16: 16 blocks of 2 x 2 per field pair instead of 8 of 4 x 4): the map on a
-    two-dimensional irrep's isotypic component splits into one block per eigenvalue, each
-    with half its rows and columns.
-    """
-    n = group.n
-    first = (0, n // 2) if n % 2 == 0 and n > 1 else (0,)
-    freqs = (first,) + tuple((k,) for k in range(1, (n + 1) // 2))
-    mirror = (1, -1) if group.flip else (0,)
-    return tuple((f, e) for f in freqs for e in mirror)
-
-
-def _slot_projectors(group: groups.Group, rho: Matrices, dim: int) -> list[np.ndarray]:
-    """Orthogonal projectors [dim, dim] onto the slots' components of ``rho``."""
-    n = group.n
-    rots = [rho((0, j)) for j in range(n)]
-    out = []
-    for freqs, mirror in fourier_slots(group):
-        p = np.zeros((dim, dim))
-        for k in freqs:
-            c = 1.0 if (2 * k) % n == 0 else 2.0
-            for j in range(n):
-                p += (c / n) * np.cos(2 * np.pi * k * j / n) * rots[j]
-        if mirror:  # commutes with p: m r^j m = r^-j, and the cosine sums are even in j
-            p = p @ (np.eye(dim) + mirror * rho((1, 0))) / 2
-        out.append(p)
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _rep_fourier(group: groups.Group, rep: str) -> np.ndarray:
-    """[K, b, dim]: orthonormal rows spanning each slot's component of ``rep`` (zero-padded
-    to the slot width b of the regular representation)."""
-    reg = groups.representation(group, "regular").dim
-    width = max(
-        int(round(np.trace(p))) for p in _slot_projectors(group, _rep(group, "regular"), reg)
-    )
-    dim = groups.representation(group, rep).dim
-    projs = _slot_projectors(group, _rep(group, rep), dim)
-    out = np.zeros((len(projs), width, dim))
-    for k, p in enumerate(projs):
-        vals, vecs = np.linalg.eigh((p + p.T) / 2)
-        rows = vecs[:, vals > 0.5].T
-        out[k, : len(rows)] = rows
-    if not np.allclose(np.einsum("kbd,kbe->de", out, out), np.eye(dim), atol=1e-12):
-        raise AssertionError(f"Fourier basis of {rep} in {group} is not orthonormal.")
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def fourier_matrix(group: groups.Group, unit: fields.Unit) -> np.ndarray:
-    """The group-Fourier transform of one field of type ``unit``.
-
-    ``x_hat[k] = Phi[k] @ x`` splits a field into the slots of `fourier_slots`; ``Phi`` is
-    orthonormal (``sum_k Phi[k].T @ Phi[k] = I``), zero rows pad every slot to the same
-    width r * b (r = number of representations in the unit, b = 2: the regular
-    representation's width of every slot).
-
-    Returns:
-      read-only [K, r * b, field_size].
-    """
-    unit = _check_unit(group, unit)
-    offs = _offsets(group, unit)
-    d = fields.FieldType(group, unit).field_size
-    blocks = [_rep_fourier(group, name) for name, _ in offs]
-    k, b = blocks[0].shape[:2]
-    out = np.zeros((k, len(blocks) * b, d))
-    for j, ((_, off), blk) in enumerate(zip(offs, blocks)):
-        out[:, j * b : (j + 1) * b, off : off + blk.shape[2]] = blk
-    return _ro(out)
 
 
 def _to_slots(basis: np.ndarray, phi_out: np.ndarray, phi_in: np.ndarray) -> np.ndarray:
@@ -428,7 +337,11 @@ def linear_basis_fourier(
     """
     in_unit, out_unit = _check_unit(group, in_unit), _check_unit(group, out_unit)
     basis = linear_basis(group, in_unit, out_unit)
-    return _ro(_to_slots(basis, fourier_matrix(group, out_unit), fourier_matrix(group, in_unit)))
+    return groups.read_only(
+        _to_slots(
+            basis, fourier.fourier_matrix(group, out_unit), fourier.fourier_matrix(group, in_unit)
+        )
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -484,7 +397,7 @@ def generator_fourier(
     perm = reg.perms[[groups.element_index(group, g) for g in elems]]  # [h, l]: g_h g_l
     r = np.zeros((order, order, order))  # [l, c, h]
     r[np.arange(order)[None, :], perm, np.arange(order)[:, None]] = 1.0
-    phi = _rep_fourier(group, "regular")  # [K, b, |G|]
+    phi = fourier.rep_fourier(group, "regular")  # [K, b, |G|]
     shifts = np.einsum("kyc,lch,kxh->lkyx", phi, r, phi, optimize=True)
     untwist = np.einsum("xb,lba->lxa", u, d, optimize=True)
     taps = np.einsum("ap,cab->cpb", s, d_inv_t, optimize=True)
@@ -501,5 +414,10 @@ def generator_fourier(
         raise AssertionError("generator basis blocks do not have dim * A elements each.")
     dense_arr = np.concatenate(dense, axis=1) if dense else np.zeros((basis.shape[0], 0, order))
     return GeneratorFourier(
-        _ro(untwist), _ro(shifts), _ro(taps), tuple(reg_blocks), _ro(dense_arr), tuple(dense_offs)
+        groups.read_only(untwist),
+        groups.read_only(shifts),
+        groups.read_only(taps),
+        tuple(reg_blocks),
+        groups.read_only(dense_arr),
+        tuple(dense_offs),
     )

@@ -4,7 +4,7 @@ A stencil set is a read-only float64 array ``S`` of shape [num_terms, size, size
 stencil per partial derivative in the order of `groups.derivative_terms` (each order
 x-first). Stencils are cross-correlation kernels: ``d^alpha f(p) ~ sum_q S_alpha(q) f(p + q)``
 where array entry ``[row, col]`` is the offset ``q = (x, y) = (col - c, c - row)``, c = size//2
-(x right, y up). All discretisations share this order and sign (SPEC section 3), so fields
+(x right, y up). All discretisations share this order and sign (docs/design.md), so fields
 always transform with the same representation whatever the discretisation.
 
 Built in: ``fd`` (the reference's central differences), ``gauss`` (derivatives of a sampled
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.polynomial import hermite as _hermite
 
-from neural_epdo_jax import groups
+from neural_epdo_jax.core import groups
 
 StencilFn = Callable[[int, int], np.ndarray]
 _REGISTRY: dict[str, StencilFn] = {}
@@ -75,7 +75,7 @@ def stencils(name: str, max_order: int = 4, size: int = 5) -> np.ndarray:
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown discretisation {name!r}; known: {', '.join(sorted(_REGISTRY))} "
-            "(add one with neural_epdo_jax.stencils.register_discretisation)."
+            "(add one with neural_epdo_jax.core.stencils.register_discretisation)."
         )
     if isinstance(max_order, bool) or not isinstance(max_order, (int, np.integer)) or max_order < 0:
         raise ValueError(f"max_order must be an integer >= 0, got {max_order!r}.")

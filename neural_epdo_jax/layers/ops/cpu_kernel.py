@@ -2,11 +2,12 @@
 
 `layers.normalised_apply` (steps 3-4 of the Neural ePDO layer: the per-pixel taps, their L1
 normalisation and application) is the one op that XLA's CPU backend compiles poorly: fused
-with the layer's output map it runs at 1-2 GMAC/s, and its backward pass is several loop
-fusions over the 25 taps. `normalised_apply.cc` computes the same formulas (float32, kernel
-sizes 3, 5 and 7) in one pass over the taps with vector multiply-adds; `layers` uses it on CPU
-when it is available and falls back to the XLA formulation otherwise (other dtypes, other
-backends, no compiler). tests/kernels_test.py checks both paths against each other.
+with the layer's output map it runs far below the machine's multiply-add rate, and its
+backward pass is several loop fusions over the 25 taps. `normalised_apply.cc` computes the
+same formulas (float32, kernel sizes 3, 5 and 7) in one pass over the taps with vector
+multiply-adds; `normalised_apply` uses it on CPU when it is available and falls back to the
+XLA formulation otherwise (other dtypes, other backends, no compiler).
+tests/layers/ops/cpu_kernel_test.py checks both paths against each other.
 
 The library is compiled with the host's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``: vectors of 16 floats where the CPU has AVX-512, else 8) against the

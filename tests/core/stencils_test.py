@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from neural_epdo_jax import groups, stencils
+from neural_epdo_jax.core import groups, stencils
 
 TERMS = groups.derivative_terms(4)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neural_epdo_jax import fields, groups
+from neural_epdo_jax.core import fields, groups
 
 GROUPS = [groups.Group(n, f) for n in (1, 2, 3, 4, 6, 8, 16) for f in (False, True)]
 
@@ -39,7 +39,7 @@ def test_representations_are_homomorphisms(group):
         assert groups.rep_matrix(group, name, els[0]).shape == (rep.dim, rep.dim)
 
 
-def test_regular_dihedral_matches_spec():
+def test_regular_dihedral_matches_definition():
     g = groups.Group(4, True)
     r = groups.rep_matrix(g, "regular", (0, 1))
     m = groups.rep_matrix(g, "regular", (1, 0))

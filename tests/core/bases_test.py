@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neural_epdo_jax import bases, fields, groups, stencils, testing
+from neural_epdo_jax import testing
+from neural_epdo_jax.core import bases, fields, groups, stencils
 
 jax.config.update("jax_enable_x64", False)
 
