@@ -6,9 +6,13 @@
 
 Rerunning a command resumes from the latest checkpoint in its workdir (default
 runs/<config file stem>); a workdir trained with a different config is refused.
+Exit codes: 0 done, 1 error (one line), 3 non-finite loss, 128 + N stopped by signal N
+(checkpoint saved; the last line says how to resume).
 """
 
 import os
+import shlex
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -25,12 +29,27 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "none). The result does not depend on it beyond float summation order.",
     lower_bound=0,
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Several processes (with --config.distributed=True): host:port of process 0's "
+    "coordinator. Default: detected (e.g. SLURM).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Several processes: how many (default: detected).", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Several processes: this one's index (default: detected).", lower_bound=0
+)
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir",
     None,
     "Where compiled steps are kept between runs (default ~/.cache/neural_epdo_jax/xla, "
     "'' to keep none): a rerun with the same model and shapes loads them instead of compiling.",
 )
+
+
+EXIT_NON_FINITE = 3
 
 
 def _unknown_key_exit(error: Exception) -> None:
@@ -56,6 +75,38 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
         _unknown_key_exit(e)
+    except flags.Error as e:  # e.g. --config.batch_size=abc
+        sys.exit(f"train.py: error: {e}")
+    except Exception as e:  # noqa: BLE001 -- whatever the --config file raised
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "--config")
+        _config_error_exit(path, e)
+
+
+def _config_error_exit(path: str, error: BaseException) -> None:
+    """Exits with one line: the innermost cause of a config file's failure to load."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    reason = (str(error).strip().splitlines() or [""])[-1]
+    sys.exit(f"train.py: error: cannot load config file {path}: {type(error).__name__}: {reason}")
+
+
+def _load_config():
+    """The --config file's config with its overrides, or exit with one line naming the
+    problem (a missing file, an error in it)."""
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(path):
+        sys.exit(
+            f"train.py: error: config file {path} does not exist; configs/ has: "
+            + ", ".join(
+                sorted(f for f in os.listdir("configs") if f.endswith(".py") and f[0] != "_")
+            )
+            if os.path.isdir("configs")
+            else f"train.py: error: config file {path} does not exist."
+        )
+    try:
+        return _CONFIG.value
+    except Exception as e:  # noqa: BLE001 -- whatever the config file raised
+        _config_error_exit(path, e)
 
 
 def main(argv: list[str]) -> None:
@@ -64,10 +115,19 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax logs a lot.
     # Imported here so that --help and flag errors do not wait for JAX.
-    from neural_epdo_jax import checkpointing, datasets, evaluate, parallel, training
+    from neural_epdo_jax import checkpointing, datasets, evaluate, parallel, training, workdir_lock
 
+    config = _load_config() if _MODE.value == "train" else None
     parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts
     training.use_compilation_cache(_CACHE.value)
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(value is not None for value in explicit):
+        if config is None or not config.distributed:
+            sys.exit(
+                "train.py: error: --coordinator_address/--num_processes/--process_id need "
+                "--config.distributed=True."
+            )
+        training.initialize_distributed(*explicit)
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(config_file))[0]
@@ -76,16 +136,29 @@ def main(argv: list[str]) -> None:
         if _MODE.value == "eval":
             evaluate.run(workdir)
             return
-        result = training.train_and_evaluate(_CONFIG.value, workdir)
+        result = training.train_and_evaluate(config, workdir)
+    except training.NonFiniteLossError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NON_FINITE)
     except (
         training.ConfigError,
-        training.NonFiniteLossError,
         checkpointing.IncompatibleWorkdirError,
         checkpointing.NoCheckpointError,
+        checkpointing.UnreadableWorkdirError,
         datasets.DataError,
+        workdir_lock.WorkdirLockedError,
     ) as e:
         sys.exit(f"train.py: error: {e}")
     print(training.summary_line(result), flush=True)
+    if result["interrupted"]:
+        name = signal.Signals(result["signal"]).name
+        command = shlex.join(["python", *sys.argv])
+        print(
+            f"train.py: stopped by {name} at step {result['step']}, checkpoint saved; exit "
+            f"code {128 + result['signal']}. To resume, rerun: {command}",
+            flush=True,
+        )
+        sys.exit(128 + result["signal"])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ A workdir holds ``config.json`` (the config of the run that owns the checkpoints
 json ``progress`` record (the running sums of the unfinished epoch, for mid-epoch saves).
 The latest checkpoint and the best one by test accuracy are kept, all others deleted.
 
+A checkpoint that cannot be read (a truncated file, missing metadata) is reported in one
+line and skipped for the newest readable one (:func:`restore_newest_readable`); nothing is
+deleted.
+
 A workdir that holds checkpoints of a run with a different config is never overwritten:
 :func:`check_and_save_config` refuses with the differing keys. Only keys that do not change
 the training trajectory (:data:`RESUMABLE_KEYS`) may differ, so that e.g. ``num_epochs``
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -56,7 +61,14 @@ class IncompatibleWorkdirError(ValueError):
 
 
 class NoCheckpointError(FileNotFoundError):
-    """The workdir holds no checkpoint to evaluate."""
+    """The workdir holds no checkpoint (or no config.json)."""
+
+
+class UnreadableWorkdirError(ValueError):
+    """The workdir's config.json, or every one of its checkpoints, cannot be read."""
+
+
+UNREADABLE_DIR = "unreadable_checkpoints"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -97,8 +109,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise NoCheckpointError(f"{path} does not exist: {workdir!r} is not a training workdir.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(_read_config_json(path))
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnreadableWorkdirError(
+            f"{path} is not valid JSON ({e}); it is the config the run's checkpoints were "
+            "trained with: restore it (the run's config file with its overrides, as JSON) or "
+            "use another --workdir."
+        ) from None
 
 
 def all_steps(workdir: str) -> list[int]:
@@ -125,8 +148,7 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
                 f"{workdir} holds checkpoints but no {CONFIG_FILE}; refusing to resume from "
                 "them. Use another --workdir."
             )
-        with open(path) as f:
-            saved = json.load(f)
+        saved = _read_config_json(path)
         differences = config_differences(saved, requested)
         if differences:
             raise IncompatibleWorkdirError(
@@ -177,9 +199,12 @@ def create_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointMa
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
     """The step of the kept checkpoint with the highest test accuracy (the latest among
-    ties, the one the preservation policy keeps); None if no checkpoint has one."""
+    ties, the one the preservation policy keeps); None if no checkpoint has one. Checkpoints
+    with missing or broken files (`file_problem`) are left out."""
     best = None
     for step in sorted(manager.all_steps()):
+        if file_problem(manager, step):
+            continue
         metrics = manager.metrics(step)
         if metrics and BEST_METRIC in metrics:
             if best is None or metrics[BEST_METRIC] >= best[0]:
@@ -227,3 +252,91 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
         ),
     )
     return restored["state"], dict(restored["progress"])
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    """The directory of checkpoint ``step``."""
+    return os.path.join(str(manager.directory), str(step))
+
+
+def file_problem(manager: ocp.CheckpointManager, step: int) -> str | None:
+    """Why checkpoint ``step`` is incomplete, judged from the files orbax reads first (its
+    metadata, the state's tree structure, the progress item); None if they are there."""
+    path = step_dir(manager, step)
+    try:
+        with open(os.path.join(path, "_CHECKPOINT_METADATA")) as f:
+            json.load(f)
+    except FileNotFoundError:
+        return "_CHECKPOINT_METADATA is missing"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"_CHECKPOINT_METADATA is not valid JSON ({e})"
+    for item in ("state/_METADATA", "progress"):
+        if not os.path.exists(os.path.join(path, item)):
+            return f"{item} is missing"
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of ``error`` (TensorStore's reason sits under orbax's wrapper),
+    as one line of at most 300 characters."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    line = f"{type(error).__name__}: {lines[0]}"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def restore_newest_readable(
+    manager: ocp.CheckpointManager, steps: list[int], restore: Callable[[int], Any]
+) -> tuple[int, Any, list[tuple[int, str]]]:
+    """Restores the first of ``steps`` that can be read: ``restore(step)`` is tried in order,
+    after `file_problem`; any error it raises marks the step unreadable.
+
+    Returns:
+      ``(step, restore(step), unreadable)``: ``unreadable`` lists ``(step, reason)`` for
+      each step tried before it, the reason one line. Nothing is deleted.
+
+    Raises:
+      NoCheckpointError: ``steps`` is empty.
+      UnreadableWorkdirError: no step can be read; names every step and its reason.
+    """
+    if not steps:
+        raise NoCheckpointError(f"{manager.directory} holds no checkpoint.")
+    unreadable = []
+    for step in steps:
+        reason = file_problem(manager, step)
+        if reason is None:
+            try:
+                return step, restore(step), unreadable
+            except Exception as e:  # noqa: BLE001 -- orbax and TensorStore raise many types
+                reason = _one_line(e)
+        unreadable.append((step, reason))
+    raise UnreadableWorkdirError(
+        f"no checkpoint in {manager.directory} can be read ("
+        + "; ".join(f"step {s}: {r}" for s, r in unreadable)
+        + "). Nothing was deleted; to start afresh use another --workdir."
+    )
+
+
+def unreadable_warning(
+    step: int, reason: str, path: str, fallback: int, *, moved: bool = False
+) -> str:
+    """The one-line warning for an unreadable checkpoint, kept (or ``moved``) at ``path``."""
+    kept = "It was moved to" if moved else "It is kept in"
+    return (
+        f"checkpoint step {step} cannot be read ({reason}); using step {fallback} instead. "
+        f"{kept} {path}; once inspected, remove it with: rm -r {path}"
+    )
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves checkpoint ``step`` out of the checkpoint directory, to
+    ``<workdir>/unreadable_checkpoints/<step>`` (a new name if taken), so that training can
+    save earlier steps again; returns the new path. Nothing is deleted."""
+    directory = os.path.join(os.path.dirname(str(manager.directory)), UNREADABLE_DIR)
+    os.makedirs(directory, exist_ok=True)
+    target, n = os.path.join(directory, str(step)), 1
+    while os.path.exists(target):
+        target, n = os.path.join(directory, f"{step}.{n}"), n + 1
+    os.rename(step_dir(manager, step), target)
+    return target

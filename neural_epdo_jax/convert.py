@@ -45,7 +45,8 @@ import ml_collections
 import numpy as np
 import scipy.linalg
 
-from neural_epdo_jax import bases, fields, groups, layers, models
+from neural_epdo_jax import layers, models
+from neural_epdo_jax.core import bases, fields, groups
 
 MAX_RESIDUAL = 1e-3
 # Discretisations whose reference stencils list each order's derivatives in reverse.

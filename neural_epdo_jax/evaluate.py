@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from neural_epdo_jax import augment, checkpointing, input_pipeline, parallel, training
 
@@ -35,17 +36,20 @@ def load_state(
 
     Returns:
       ``(config, state, step, which)``; ``which`` is the checkpoint actually loaded
-      ('latest' when 'best' was asked but no checkpoint has a test accuracy).
+      ('latest' when 'best' was asked but no checkpoint has a test accuracy, or when the one
+      asked for cannot be read: then a warning names it and the newest readable step is
+      loaded instead).
 
     Raises:
       NoCheckpointError: no config.json or no checkpoint in ``workdir``.
+      UnreadableWorkdirError: config.json or every checkpoint cannot be read.
       ValueError: ``checkpoint`` is not 'best' or 'latest'.
     """
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
     if not checkpointing.all_steps(workdir):
         raise checkpointing.NoCheckpointError(
-            f"{os.path.abspath(workdir)} holds no checkpoint to evaluate; train first: "
+            f"{os.path.abspath(workdir)} holds no checkpoint; train first: "
             f"python train.py --workdir={workdir} [--config=...]"
         )
     config = checkpointing.load_config(workdir)
@@ -53,12 +57,24 @@ def load_state(
     schedule = training.create_learning_rate_schedule(config, 1)
     manager = checkpointing.create_manager(workdir, read_only=True)
     try:
-        step, which = checkpointing.best_step(manager), checkpoint
-        if checkpoint == "latest" or step is None:
-            step, which = manager.latest_step(), "latest"
-        state, _ = training.restore_train_state(
-            manager, step, model, config, schedule, tuple(image_shape)
+        newest_first = sorted(manager.all_steps(), reverse=True)
+        best, which = checkpointing.best_step(manager), checkpoint
+        if checkpoint == "latest" or best is None:
+            which = "latest"
+        else:
+            newest_first.remove(best)
+            newest_first.insert(0, best)
+        step, (state, _), unreadable = checkpointing.restore_newest_readable(
+            manager,
+            newest_first,
+            lambda s: training.restore_train_state(
+                manager, s, model, config, schedule, tuple(image_shape)
+            ),
         )
+        for bad, reason in unreadable:
+            which = "latest readable"
+            path = checkpointing.step_dir(manager, bad)
+            logging.warning(checkpointing.unreadable_warning(bad, reason, path, step))
     finally:
         manager.close()
     return config, state, step, which

@@ -571,13 +571,15 @@ def export_checkpoint(
 
 def main(argv: list[str]) -> None:
     """Command-line entry point: ``python -m neural_epdo_jax.export --workdir=DIR --output=F``."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     from neural_epdo_jax import checkpointing
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
+    if not values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     try:
         frozen = export_checkpoint(
             values.workdir,

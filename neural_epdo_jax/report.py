@@ -41,6 +41,7 @@ from neural_epdo_jax import (
     augment,
     checkpointing,
     evaluate,
+    input_pipeline,
     layers,
     models,
     parallel,
@@ -214,6 +215,7 @@ def rotation_robustness(
       the unrotated ones); ``logit_change_mean`` / ``logit_change_max`` (per image
       ``|f(R x) - f(x)| / |f(x)|``, L2 over the logits).
     """
+    input_pipeline.check_images(images)
     n = len(images)
     batch_size = min(batch_size, n)
 
@@ -353,7 +355,7 @@ def make_report(
     workdir: str,
     *,
     checkpoint: str = "best",
-    num_images: int | None = 500,
+    num_images: int | None = None,
     num_equivariance_images: int = 4,
     angle_step_degrees: float = 15.0,
     batch_size: int | None = None,
@@ -367,7 +369,8 @@ def make_report(
       workdir: a training workdir (``config.json`` and ``checkpoints/``).
       checkpoint: 'best' (by test accuracy) or 'latest'.
       num_images: test images for the rotation sweep (a fixed, seeded subset of the test
-        split); None for the config's ``num_test_examples``.
+        split); None for the config's ``num_test_examples``, the images `evaluate` uses, so
+        that the 0-degree accuracy is the test accuracy.
       num_equivariance_images: how many of them the per-layer errors use.
       angle_step_degrees: spacing of the rotation sweep (0 to 360 degrees).
       batch_size: rows per forward pass of the sweep (default the config's eval batch size).
@@ -438,11 +441,13 @@ def make_report(
 
 def main(argv: list[str]) -> None:
     """Command-line entry point (flags below)."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
+    if not values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     try:
         make_report(
             values.workdir,
@@ -461,7 +466,9 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
     flags.DEFINE_enum("checkpoint", "best", list(evaluate.CHECKPOINTS), "Which checkpoint.")
-    flags.DEFINE_integer("num_images", 500, "Test images of the rotation sweep (subset).")
+    flags.DEFINE_integer(
+        "num_images", None, "Test images of the rotation sweep (default: the run's test set)."
+    )
     flags.DEFINE_integer(
         "num_equivariance_images", 4, "Test images of the per-layer equivariance errors."
     )

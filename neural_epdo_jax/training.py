@@ -17,7 +17,14 @@ draws made for the whole batch, so a step equals the one-device step up to float
 order. train.py splits a CPU host into one device per core (`parallel.use_cpu_cores`): XLA
 runs each device's program mostly on one core.
 Multi-host: ``config.distributed = True`` calls ``jax.distributed.initialize()`` first
-(cluster auto-detection; see its docs for explicit coordinator arguments).
+(cluster auto-detection, e.g. SLURM; `initialize_distributed` takes explicit coordinator
+arguments). The mesh then spans every process's devices, each process assembles its own rows
+of every batch, and a stop requested by a signal to any process is agreed by all (it rides
+in the step's metrics), so they stop after the same step.
+
+One run per workdir: a run holds ``<workdir>/train.lock`` (`workdir_lock`). A latest
+checkpoint that cannot be read is moved to ``<workdir>/unreadable_checkpoints/`` with a
+warning, and training resumes from the newest readable one.
 
 Reference choices kept as switches: ``reset_adam_every_epoch`` re-creates the Adam moments
 (and bias correction) at every epoch start, as the reference's per-epoch ``torch.optim.Adam``
@@ -27,6 +34,7 @@ next to the last-epoch accuracy, never instead of it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -50,9 +58,19 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
-from neural_epdo_jax import augment, checkpointing, datasets, input_pipeline, models, parallel
+from neural_epdo_jax import (
+    augment,
+    checkpointing,
+    datasets,
+    input_pipeline,
+    models,
+    parallel,
+    workdir_lock,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -70,6 +88,28 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or non-finite parameters."""
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` with these arguments (None: auto-detected, e.g. from
+    SLURM), unless it has run already. Call it before JAX computes anything."""
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class TrainState(train_state.TrainState):
@@ -531,19 +571,34 @@ def jit_steps(
     config: ml_collections.ConfigDict,
     steps_per_epoch: int,
     sharding: jax.sharding.NamedSharding | None,
+    *,
+    stop_flag: bool = False,
 ) -> tuple[Callable, Callable]:
     """``train_step`` and ``eval_step`` jitted for ``config`` (state donated to training),
     data-parallel over ``sharding``'s mesh if given (`jit_data_parallel`; the state's model
-    must then be built with that mesh's axis name)."""
+    must then be built with that mesh's axis name). ``stop_flag``: the train step takes a
+    ``stop`` [B] entry in the batch and returns its maximum over all rows as ``stop``."""
     train_fn = functools.partial(
         train_step,
         augmentation=config.augmentation,
         adam_reset_every_steps=steps_per_epoch if config.reset_adam_every_epoch else 0,
     )
+    if stop_flag:
+        train_fn = functools.partial(_train_step_with_stop_flag, train_fn)
     return (
         jit_data_parallel(train_fn, sharding, donate_state=True),
         jit_data_parallel(eval_step, sharding),
     )
+
+
+def _train_step_with_stop_flag(step, state, batch, rng, axis_name=None):
+    """``step`` on ``batch`` without its ``stop`` entry; the metrics get its maximum over
+    every device's rows: a stop requested on any process, seen by all."""
+    batch = dict(batch)
+    stop = jnp.max(batch.pop("stop"))
+    state, sums = step(state, batch, rng, axis_name=axis_name)
+    sums["stop"] = stop if axis_name is None else jax.lax.pmax(stop, axis_name)
+    return state, sums
 
 
 def _state_sharding(data_sharding: jax.sharding.NamedSharding | None) -> jax.sharding.Sharding:
@@ -740,24 +795,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       ``test_accuracy`` (last epoch), ``best_test_accuracy`` / ``best_epoch`` (selected on the
       test set), ``train_loss``, ``train_accuracy``, ``epoch``, ``step``, ``images_per_s``
-      (training throughput after the first step of this session), ``wall_time_s`` and
-      ``interrupted`` (True if stopped by SIGINT/SIGTERM; rerun to resume).
+      (training throughput after the first step of this session), ``wall_time_s``,
+      ``interrupted`` (True if stopped by SIGINT/SIGTERM; rerun to resume) and ``signal``
+      (the stopping signal's number, or None).
 
     Raises:
       ValueError: invalid config; IncompatibleWorkdirError: the workdir belongs to another
         config (both before any data is read or anything compiled).
+      WorkdirLockedError: another run holds the workdir (`workdir_lock`).
+      UnreadableWorkdirError: config.json or every checkpoint cannot be read.
       NonFiniteLossError: the loss or parameters became non-finite (the last checkpoint,
         from before, stays).
     """
     wall_start = time.time()
     if config.distributed:
-        jax.distributed.initialize()
+        initialize_distributed()
     model = validate_config(config)
-    sharding = input_pipeline.data_mesh_sharding((config.batch_size, config.eval_batch_size))
+    try:
+        sharding = input_pipeline.data_mesh_sharding((config.batch_size, config.eval_batch_size))
+    except ValueError as e:
+        raise ConfigError(f"invalid config: {e}") from None
     num_shards = 1 if sharding is None else sharding.mesh.size
     if sharding is not None:
         model = create_model(config, axis_name=sharding.mesh.axis_names[0])
     workdir = os.path.abspath(workdir)
+    with _lock(workdir):
+        return _train_and_evaluate(config, workdir, model, sharding, num_shards, wall_start)
+
+
+@contextlib.contextmanager
+def _lock(workdir: str):
+    """The workdir lock, taken by process 0 for all processes (each fails if it fails)."""
+    error, record = None, None
+    if jax.process_index() == 0:
+        try:
+            record = workdir_lock.acquire(workdir)
+        except workdir_lock.WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            error = workdir_lock.WorkdirLockedError(f"process 0 could not lock {workdir}")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if record is not None:
+            workdir_lock.release(workdir, record)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_processes(name)
+
+
+def _restore_newest_readable(manager, workdir, restore):
+    """(manager, step, (state, progress)) of the newest readable checkpoint; newer unreadable
+    ones are moved aside (so that training can save their steps again) with a warning."""
+    newest_first = sorted(manager.all_steps(), reverse=True)
+    step, restored, unreadable = checkpointing.restore_newest_readable(
+        manager, newest_first, restore
+    )
+    if unreadable:
+        _sync("unreadable checkpoints found")
+        if jax.process_index() == 0:
+            for bad, reason in unreadable:
+                path = checkpointing.set_aside(manager, bad)
+                logging.warning(
+                    checkpointing.unreadable_warning(bad, reason, path, step, moved=True)
+                )
+        _sync("unreadable checkpoints moved")
+        manager.close()
+        manager = checkpointing.create_manager(workdir)
+    return manager, step, restored
+
+
+def _train_and_evaluate(config, workdir, model, sharding, num_shards, wall_start):
     checkpointing.check_and_save_config(config, workdir)
 
     # Data.
@@ -777,16 +891,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     image_shape = train_images.shape[1:]
     manager = checkpointing.create_manager(workdir)
-    latest = manager.latest_step()
-    if latest is None:
+    if manager.latest_step() is None:
         state = create_train_state(init_rng, model, tx, image_shape)
         # Committed like a restored state, so that fresh and resumed runs share one program.
         state = jax.device_put(state, _state_sharding(sharding))
         progress = {}
         step = 0
     else:
-        state, progress = restore_train_state(
-            manager, latest, model, config, schedule, image_shape, _state_sharding(sharding)
+        manager, _, (state, progress) = _restore_newest_readable(
+            manager,
+            workdir,
+            lambda s: restore_train_state(
+                manager, s, model, config, schedule, image_shape, _state_sharding(sharding)
+            ),
         )
         step = int(jax.device_get(state.step))
         if progress.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
@@ -807,7 +924,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics_path = os.path.join(workdir, METRICS_FILE)
     records = _read_metrics(metrics_path, step)
     writer = _MetricsWriter(metrics_path)
-    train_fn, eval_fn = jit_steps(config, steps_per_epoch, sharding)
+    multiprocess = jax.process_count() > 1
+    train_fn, eval_fn = jit_steps(config, steps_per_epoch, sharding, stop_flag=multiprocess)
+    stop_rows = input_pipeline.local_rows(sharding, config.batch_size)
 
     def test_batches():
         return input_pipeline.epoch_batches(
@@ -819,6 +938,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     throughput = []  # (images, seconds) per epoch, not counting this session's first step.
     timing = {"start": None, "images": 0}
     interrupted = False
+    # Whether to stop (a signal): agreed by all processes at the same step (`_any_process` at
+    # epoch ends, the step's ``stop`` metric in between), so that they save the same step.
+    agreed = {"stop": False}
+
+    def stopping() -> bool:
+        if not agreed["stop"]:
+            agreed["stop"] = _any_process(stop.signum is not None)
+        return agreed["stop"]
 
     try:
         with _StopRequest() as stop:
@@ -843,13 +970,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     """Host side of a finished step: finiteness check, sums, logging."""
                     m = jax.device_get(step_metrics)
                     if not m["finite"]:
+                        latest = manager.latest_step()
+                        kept = (
+                            "no checkpoint had been saved yet"
+                            if latest is None
+                            else f"the last good checkpoint (step {latest}) in "
+                            f"{manager.directory} is kept"
+                        )
                         raise NonFiniteLossError(
                             f"non-finite loss or parameters at step {at_step} (epoch "
                             f"{epoch + 1}, batch {at_step - epoch * steps_per_epoch}/"
                             f"{steps_per_epoch}; summed batch loss {float(m['loss'])}). "
-                            f"Stopped; the last good checkpoint (step {manager.latest_step()})"
-                            f" in {manager.directory} is kept. Lower the learning rate?"
+                            f"Stopped; {kept}. Try a lower --config.learning_rate, in a new "
+                            "--workdir (this one keeps the config it was trained with)."
                         )
+                    if m.get("stop"):
+                        agreed["stop"] = True
                     for key in sums:
                         sums[key] += float(m[key])
                     for key in window:
@@ -882,6 +1018,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 pending = None
                 for batch in itertools.islice(batches, skip, None):
+                    if multiprocess:
+                        rows = stop_rows.stop - stop_rows.start
+                        flag = np.full((rows,), stop.signum is not None, np.float32)
+                        batch = dict(
+                            batch,
+                            stop=jax.make_array_from_process_local_data(
+                                sharding, flag, (config.batch_size,)
+                            ),
+                        )
                     if timing["start"] is None:
                         compile_start = time.time()
                         state, step_metrics = train_fn(state, batch, train_rng)
@@ -897,7 +1042,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if pending is not None:
                         consume(*pending)
                     pending = (step_metrics, step)
-                    if stop.signum is not None:
+                    if agreed["stop"] if multiprocess else stop.signum is not None:
                         break
                 if pending is not None:
                     consume(*pending)
@@ -905,7 +1050,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if timing["images"]:
                     throughput.append((timing["images"], time.time() - timing["start"]))
 
-                if stop.signum is not None and step < (epoch + 1) * steps_per_epoch:
+                if step < (epoch + 1) * steps_per_epoch and stopping():
                     if manager.latest_step() != step:
                         progress = {"epoch_sums": sums, "steps_per_epoch": steps_per_epoch}
                         checkpointing.save(manager, step, state, progress)
@@ -952,7 +1097,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         {"steps_per_epoch": steps_per_epoch},
                         test_accuracy=epoch_record.get("test_accuracy"),
                     )
-                if stop.signum is not None:
+                if stopping():
                     if manager.latest_step() != step:
                         checkpointing.save(
                             manager, step, state, {"steps_per_epoch": steps_per_epoch}
@@ -962,9 +1107,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         manager.close()
 
+    # A process that did not get the signal itself stops for another's: reported as SIGTERM.
+    signum = (stop.signum or signal.SIGTERM) if interrupted else None
     if interrupted:
         _log(
-            f"stopped by signal {stop.signum} at step {step}; checkpoint saved in "
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
             f"{checkpointing.checkpoint_dir(workdir)}. Rerun the same command to resume."
         )
     elif jax.process_index() == 0:
@@ -989,6 +1136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "images_per_s": images / seconds if seconds else math.nan,
         "wall_time_s": time.time() - wall_start,
         "interrupted": interrupted,
+        "signal": signum,
         "workdir": workdir,
     }
 

@@ -32,7 +32,8 @@ from configs import (
     mnist_rot_regular_fd,
     mnist_rot_regular_gauss,
 )
-from neural_epdo_jax import convert, groups, layers
+from neural_epdo_jax import convert, layers
+from neural_epdo_jax.core import groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.environ.get("NEURAL_EPDO_JAX_REFERENCE_FIXTURES") or os.path.join(

@@ -1,5 +1,6 @@
 """Tests of neural_epdo_jax.evaluate on a workdir with hand-made checkpoints (no training)."""
 
+import glob
 import json
 import os
 import shutil
@@ -108,8 +109,65 @@ class EvaluateTest(absltest.TestCase):
         ):
             proc = _run(*command)
             self.assertNotEqual(proc.returncode, 0)
-            self.assertIn("holds no checkpoint to evaluate", proc.stderr)
+            self.assertIn("holds no checkpoint; train first", proc.stderr)
             self.assertNotIn("Traceback", proc.stderr)
+
+    def _copy(self, name):
+        workdir = os.path.join(self.root, name)
+        shutil.copytree(self.workdir, workdir)
+        return workdir
+
+    def test_unreadable_latest_falls_back_with_a_warning(self):
+        truncated, metadata = self._copy("truncated"), self._copy("metadata")
+        state = os.path.join(checkpointing.checkpoint_dir(truncated), "6", "state")
+        for path in glob.glob(os.path.join(state, "**", "d", "*"), recursive=True):
+            with open(path, "r+b") as f:  # every data file: which holds what is orbax's affair
+                f.truncate(os.path.getsize(path) // 2)
+        step6 = os.path.join(checkpointing.checkpoint_dir(metadata), "6")
+        open(os.path.join(step6, "_CHECKPOINT_METADATA"), "w").close()
+        os.remove(os.path.join(step6, "state", "_METADATA"))
+        for workdir, reason in ((truncated, "ValueError: "), (metadata, "_CHECKPOINT_METADATA")):
+            with self.assertLogs("absl", level="WARNING") as logs:
+                _, state, step, which = evaluate.load_state(workdir, "latest")
+            self.assertEqual((step, which), (3, "latest readable"))
+            chex.assert_trees_all_equal(state.params, self.best_params)
+            (warning,) = [line for line in logs.output if "cannot be read" in line]
+            self.assertIn(f"checkpoint step 6 cannot be read ({reason}", warning)
+            self.assertIn(f"rm -r {checkpointing.checkpoint_dir(workdir)}/6", warning)
+            self.assertNotIn("\n", warning)
+            self.assertEqual(checkpointing.all_steps(workdir), [3, 6])  # nothing deleted
+
+    def test_no_readable_checkpoint_is_a_one_line_error(self):
+        workdir = self._copy("unreadable")
+        for step in (3, 6):
+            os.remove(
+                os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state", "_METADATA")
+            )
+        with self.assertRaisesRegex(
+            checkpointing.UnreadableWorkdirError, r"step 6: state/_METADATA is missing; step 3"
+        ):
+            evaluate.load_state(workdir, "latest")
+        proc = _run("-m", "neural_epdo_jax.evaluate", f"--workdir={workdir}", "--checkpoint=latest")
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(
+            proc.stderr.strip().splitlines()[-1],
+            "^evaluate: error: no checkpoint in .* can be read",
+        )
+        self.assertNotIn("Traceback", proc.stderr)
+
+    def test_truncated_config_json_is_named(self):
+        workdir = self._copy("bad_config")
+        path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+        with open(path, "r+") as f:
+            f.truncate(100)
+        with self.assertRaisesRegex(
+            checkpointing.UnreadableWorkdirError, f"{path} is not valid JSON"
+        ):
+            evaluate.load_state(workdir)
+        with self.assertRaisesRegex(
+            checkpointing.UnreadableWorkdirError, f"{path} is not valid JSON"
+        ):
+            checkpointing.check_and_save_config(test_config.get_config(), workdir)
 
     def test_command_line(self):
         workdir = os.path.join(self.root, "command_line")

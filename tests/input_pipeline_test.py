@@ -127,6 +127,12 @@ def test_mismatched_lengths():
         next(input_pipeline.epoch_batches(images, labels[:4], 2, shuffle=False))
 
 
+def test_uint8_images_are_refused():
+    images, labels = numbered_dataset(4)
+    with pytest.raises(ValueError, match=r"images are uint8, not float: scale them to \[0, 1\]"):
+        next(input_pipeline.epoch_batches(images.astype(np.uint8), labels, 2, shuffle=False))
+
+
 def test_two_device_mesh():
     """On 2 forced host devices: batches split over 'data'; an odd batch size is refused."""
     script = textwrap.dedent(

@@ -15,7 +15,7 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import test as test_config
-from neural_epdo_jax import checkpointing, export, report, training
+from neural_epdo_jax import checkpointing, evaluate, export, report, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,6 +179,58 @@ class ReportTest(absltest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("report: error:", result.stderr)
         self.assertIn("no checkpoint", result.stderr)
+
+    def test_default_images_are_the_runs_test_set(self):
+        # The 0-degree accuracy is evaluate's test accuracy (the config's 40 test images).
+        result = report.make_report(
+            self.workdir,
+            num_equivariance_images=1,
+            angle_step_degrees=180,
+            write=False,
+            verbose=False,
+        )
+        self.assertEqual(result["num_images"], tiny_config().num_test_examples)
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluated = evaluate.run(self.workdir, angle_step_degrees=360)
+        self.assertEqual(evaluated["num_examples"], result["num_images"])
+        self.assertAlmostEqual(result["rotation"]["accuracy"][0], evaluated["test_accuracy"])
+
+    def test_uint8_images_are_refused(self):
+        images = np.zeros((2, 28, 28, 1), np.uint8)
+        with self.assertRaisesRegex(ValueError, r"uint8, not float: scale them to \[0, 1\]"):
+            report.rotation_robustness(lambda v, x: x[:, 0, 0], None, images, np.zeros(2), [0.0])
+
+    def test_export_command_line_is_quiet_and_its_errors_name_no_evaluation(self):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env["JAX_PLATFORMS"] = "cpu"
+        empty = os.path.join(self.root, "export_empty")
+        os.makedirs(empty, exist_ok=True)
+        output = os.path.join(self.root, "cli_model.jax")
+        runs = [
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "neural_epdo_jax.export",
+                    f"--workdir={workdir}",
+                    f"--output={output}",
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )  # fmt: skip
+            for workdir in (self.workdir, empty)
+        ]
+        self.assertEqual(runs[0].returncode, 0, runs[0].stderr)
+        self.assertIn(f"wrote {output}", runs[0].stdout)
+        self.assertEqual(runs[0].stderr.strip(), "")  # no orbax INFO lines
+        self.assertEqual(runs[1].returncode, 1)
+        self.assertRegex(
+            runs[1].stderr.strip(), r"^export: error: .* holds no checkpoint; train first"
+        )
+        self.assertNotIn("evaluate", runs[1].stderr)
 
 
 if __name__ == "__main__":

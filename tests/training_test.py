@@ -418,6 +418,79 @@ class ConfigErrorTest(parameterized.TestCase):
             training.train_and_evaluate(config, workdir)
         self.assertFalse(os.path.exists(workdir))
 
+    @parameterized.named_parameters(
+        ("bad_value", ["--config.batch_size=abc"], "train.py: error: flag --config.batch_size=abc: invalid literal for int()"),
+        ("missing_file", ["--config=configs/nope.py"], "train.py: error: config file configs/nope.py does not exist; configs/ has: default.py,"),
+        ("hosts_without_distributed", ["--config=configs/test.py", "--num_processes=2"], "train.py: error: --coordinator_address/--num_processes/--process_id need --config.distributed=True"),
+    )  # fmt: skip
+    def test_bad_command_line_is_one_line(self, args, message):
+        proc = subprocess.run(
+            [sys.executable, "train.py", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=_subprocess_env(),
+            timeout=120,
+        )
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(proc.stderr.strip().splitlines(), [proc.stderr.strip()])
+        self.assertIn(message, proc.stderr)
+
+    def test_broken_config_file_is_one_line(self):
+        path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "broken.py")
+        with open(path, "w") as f:
+            f.write("def get_config(:\n")
+        proc = subprocess.run(
+            [sys.executable, "train.py", f"--config={path}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=_subprocess_env(),
+            timeout=120,
+        )
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertRegex(
+            proc.stderr.strip(), rf"^train.py: error: cannot load config file {path}: [^\n]+$"
+        )
+
+    def test_truncated_config_json_is_one_line(self):
+        workdir = self.enter_context(tempfile.TemporaryDirectory())
+        config = test_config.get_config()
+        checkpointing.check_and_save_config(config, workdir)
+        manager = checkpointing.create_manager(workdir)
+        state = training.create_train_state(
+            jax.random.key(0), training.create_model(config), optax.sgd(0.1), (28, 28, 1)
+        )
+        checkpointing.save(manager, 3, state, {})
+        manager.close()
+        path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+        with open(path, "r+") as f:
+            f.truncate(50)
+        proc = subprocess.run(
+            _train_command(workdir), cwd=REPO, capture_output=True, text=True, env=_subprocess_env(), timeout=120
+        )  # fmt: skip
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertRegex(
+            proc.stderr.strip(), rf"^train.py: error: {path} is not valid JSON \(.*\); [^\n]+$"
+        )
+
+    def test_non_finite_loss_exits_3_and_says_what_to_do(self):
+        workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "run")
+        proc = subprocess.run(
+            _train_command(workdir, "--config.learning_rate=1e30"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=_subprocess_env(),
+            timeout=300,
+        )
+        self.assertEqual(proc.returncode, 3, proc.stdout + proc.stderr)
+        last = proc.stderr.strip().splitlines()[-1]
+        self.assertRegex(last, r"^train.py: error: non-finite loss or parameters at step \d")
+        self.assertIn("no checkpoint had been saved yet", last)
+        self.assertIn("lower --config.learning_rate, in a new --workdir", last)
+        self.assertNotIn("step None", last)
+
     def test_unknown_config_key_on_the_command_line(self):
         for extra in ([], ["--config=configs/test.py"]):
             proc = subprocess.run(
@@ -541,6 +614,36 @@ class EndToEndTest(parameterized.TestCase):
         self.assertEqual(checkpointing.all_steps(workdir), [3])
         chex.assert_trees_all_equal(_latest_params(workdir), self.one_epoch)
 
+    def test_unreadable_latest_checkpoint_resumes_from_the_earlier_one(self):
+        workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "corrupt")
+        shutil.copytree(self.straight_dir, workdir)
+        directory = checkpointing.checkpoint_dir(workdir)
+        shutil.rmtree(os.path.join(directory, "3"), ignore_errors=True)
+        shutil.copytree(os.path.join(self.one_epoch_dir, "checkpoints", "3"), os.path.join(directory, "3"))  # fmt: skip
+        data = os.path.join(directory, "6", "state", "ocdbt.process_0", "d")
+        for name in os.listdir(data):  # every data file: which holds what is orbax's affair
+            with open(os.path.join(data, name), "r+b") as f:
+                f.truncate(os.path.getsize(os.path.join(data, name)) // 2)
+        with self.assertLogs("absl", level="WARNING") as logs:
+            result = training.train_and_evaluate(_tiny_run_config(), workdir)
+        moved = os.path.join(workdir, checkpointing.UNREADABLE_DIR, "6")
+        (warning,) = [line for line in logs.output if "cannot be read" in line]
+        self.assertIn("checkpoint step 6 cannot be read (ValueError: ", warning)
+        self.assertIn(f"It was moved to {moved}; once inspected, remove it with: rm -r {moved}", warning)  # fmt: skip
+        self.assertTrue(os.path.isdir(moved))  # kept, not deleted
+        self.assertEqual(result["step"], 6)
+        chex.assert_trees_all_equal(_latest_params(workdir), _latest_params(self.straight_dir))
+
+    def test_no_readable_checkpoint_never_starts_afresh(self):
+        workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "corrupt")
+        shutil.copytree(self.straight_dir, workdir)
+        for step in checkpointing.all_steps(workdir):
+            os.remove(os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state", "_METADATA"))  # fmt: skip
+        steps = checkpointing.all_steps(workdir)
+        with self.assertRaisesRegex(checkpointing.UnreadableWorkdirError, "state/_METADATA is missing"):  # fmt: skip
+            training.train_and_evaluate(_tiny_run_config(), workdir)
+        self.assertEqual(checkpointing.all_steps(workdir), steps)
+
     def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(self):
         epochs, root = 5, self.enter_context(tempfile.TemporaryDirectory())
         reference_dir = os.path.join(root, "reference")
@@ -563,10 +666,14 @@ class EndToEndTest(parameterized.TestCase):
             output, _ = proc.communicate(timeout=120)
             return proc.returncode, output
 
-        # SIGTERM: the current step finishes, is saved (mid-epoch), the process exits cleanly.
+        # SIGTERM: the current step finishes, is saved (mid-epoch), the process exits with
+        # 128 + 15 (a scheduler requeues it) and says how to resume.
         returncode, output = run_until(2, signal.SIGTERM)
-        self.assertEqual(returncode, 0, output)
-        self.assertIn("stopped by signal", output)
+        self.assertEqual(returncode, 128 + signal.SIGTERM, output)
+        self.assertIn("stopped by SIGTERM", output)
+        last = output.strip().splitlines()[-1]
+        self.assertIn("To resume, rerun: python ", last)
+        self.assertIn(f"--workdir={workdir}", last)
         stopped_at = max(checkpointing.all_steps(workdir))
         self.assertGreaterEqual(stopped_at, 2)
         self.assertLess(stopped_at, 3 * epochs)
