@@ -71,7 +71,7 @@ class Op:
     * ``'affine'``: ``scale``, ``shift`` [C]; ``x * scale + shift`` (a folded BatchNorm).
     * ``'relu'``, ``'max_pool'`` (2x2, stride 2, VALID), ``'global_max'`` (over H, W).
     * ``'group_pool'``: max over each field's ``field_size`` components: [..., F*d] -> [..., F].
-    * ``'nlpdo'``: a Neural ePDO layer (SPEC section 5): ``hidden`` [C_in, M*|G|];
+    * ``'nlpdo'``: a Neural ePDO layer (docs/design.md, "Layers"): ``hidden`` [C_in, M*|G|];
       ``norm_scale``, ``norm_shift`` [M] (group norm with both affines folded);
       ``generator`` [s, M*|G|/s, g*d*S*S/s] (``/ 5`` folded in); ``output`` [C_in, C_out].
       Static: ``g`` operators, field size ``field_size`` (d), ``kernel_size`` (S), hidden field

@@ -11,9 +11,8 @@ float summation.
 
 On CPU the same code runs the cores in parallel: XLA runs one CPU device's program mostly on
 one core, so the entry points (train.py, the evaluation and benchmark commands) split the
-host into one device per core (:func:`use_cpu_cores`) before JAX starts. Measured on the
-project's 2-core machine, R-gauss training at batch 64: 12.1 img/s on one device, 18.8 on
-two (see benchmarks/PERFORMANCE.md).
+host into one device per core (:func:`use_cpu_cores`) before JAX starts (gain: see
+docs/performance.md, "Both cores").
 """
 
 from __future__ import annotations

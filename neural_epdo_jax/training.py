@@ -1,4 +1,6 @@
-"""Training and evaluation of the MNIST-rot networks (SPEC 6-7): the logic behind train.py.
+"""Training and evaluation of the MNIST-rot networks: the logic behind train.py.
+
+The protocol (optimizer, schedule, augmentation) is in docs/design.md, "Training protocol".
 
 ``train_and_evaluate(config, workdir)`` trains, evaluates, checkpoints and resumes.
 ``train_step`` / ``eval_step`` are pure and undecorated; they are jitted here, at the call
@@ -448,7 +450,7 @@ def default_compilation_cache_dir() -> str:
 def use_compilation_cache(path: str | None = None) -> str | None:
     """Keeps compiled steps on disk (JAX's persistent compilation cache), so that a rerun of
     the same model and shapes -- resuming, evaluating, the next run of a sweep -- loads its
-    steps instead of compiling them again (measured in benchmarks/PERFORMANCE.md).
+    steps instead of compiling them again (see docs/performance.md, "Compilation").
     Compilations under a second are not kept. Entries are a few MB each and never expire
     (JAX's size limit needs the ``filelock`` package); deleting the directory at any time is
     safe.
@@ -795,7 +797,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       ``test_accuracy`` (last epoch), ``best_test_accuracy`` / ``best_epoch`` (selected on the
       test set), ``train_loss``, ``train_accuracy``, ``epoch``, ``step``, ``images_per_s``
-      (training throughput after the first step of this session), ``wall_time_s``,
+      (training throughput after this process's first step), ``wall_time_s``,
       ``interrupted`` (True if stopped by SIGINT/SIGTERM; rerun to resume) and ``signal``
       (the stopping signal's number, or None).
 
@@ -935,7 +937,7 @@ def _train_and_evaluate(config, workdir, model, sharding, num_shards, wall_start
 
     best = best_epoch(records)
     epoch_record = next((r for r in reversed(records) if r.get("kind") == "epoch"), None)
-    throughput = []  # (images, seconds) per epoch, not counting this session's first step.
+    throughput = []  # (images, seconds) per epoch, not counting this process's first step.
     timing = {"start": None, "images": 0}
     interrupted = False
     # Whether to stop (a signal): agreed by all processes at the same step (`_any_process` at
