@@ -79,8 +79,8 @@ MNIST_ROT_FILES = types.MappingProxyType(
 MNIST_ROT_NUM_ROWS = types.MappingProxyType({"train": 12_000, "test": 50_000})
 MNIST_ROT_NUM_VALID = 2_000
 # Digests of the original zip. The md5 is the one that torchvision-style MNIST-rot loaders in
-# several independent public projects verify on download; the sha256 could not be computed here
-# (no network): once known, put it here and it is checked too. Digests set to None are skipped.
+# several independent public projects verify on download; the sha256 is not known yet: once
+# known, put it here and it is checked too. Digests set to None are skipped.
 MNIST_ROT_ZIP_DIGESTS = types.MappingProxyType(
     {"md5": "0f9a947ff3d30e95cd685462cbf3b847", "sha256": None}
 )

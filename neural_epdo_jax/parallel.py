@@ -32,22 +32,14 @@ _FORCE_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 # XLA's CPU backend schedules for concurrency by default: it computes values that depend on
 # nothing, such as the zero buffers of the backward pass's loops, at the start of a step, where
 # they stay live through the whole forward pass. Its memory-optimised scheduler does not
-# (R-gauss train step, batch 32 per device: temporaries 297 -> 257 MiB per device, same speed).
+# (fewer temporaries at the same speed: docs/performance.md, "Memory of the training step").
 CPU_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
-# XLA's CPU compiler emits each loop fusion as an MLIR module and compiles it on its code
-# generation threads (one per core), each job holding an MLIR context of its own (all
-# dialects loaded, the canonicaliser's patterns built). The fusions are emitted faster than
-# two cores compile them, so hundreds of contexts pile up: that was the peak RSS of a run
-# (heap profile of the R-gauss train step's compile: 370 MiB in the code generation threads,
-# 119 MiB of it the contexts). XLA's other fusion emitter (LLVM IR, in one module) does not
-# do this. Measured on the 2-core Intel host (2 devices, batch 64, cold compiles): R-gauss
-# train-step compile peak 940-954 -> 559 MiB and 13.1 -> 9.3 s; initialising it 471 -> 328
-# MiB; the steps as fast (one process, compiled variants alternating, 10 rounds, train img/s:
-# R-gauss 61.8 / 56.2 -> 59.2 / 55.9, D-gauss 24.7 / 24.8 -> 24.8 / 24.3); gradients equal
-# to float32 rounding (max relative difference per array 7e-4, in arrays whose gradient is
-# not zero in exact arithmetic). The option is a per-compile one, so it also holds for code
-# that runs after JAX has started.
+# XLA's default CPU fusion emitter compiles each loop fusion as its own MLIR module, each
+# holding an MLIR context; on few cores hundreds of them queue and set the compile's peak
+# memory. The LLVM IR emitter (one module) does not, and gives steps as fast with gradients
+# equal to float32 rounding (docs/performance.md, "Compilation"). The option is a
+# per-compile one, so it also holds for code that runs after JAX has started.
 CPU_CODEGEN_OPTIONS: Mapping[str, bool] = types.MappingProxyType(
     {"xla_cpu_use_fusion_emitters": False}
 )

@@ -228,9 +228,9 @@ def create_optimizer(
     ``flat`` (the default): the update runs on all parameters concatenated into one vector
     (``optax.flatten``), so the Adam moments are two flat vectors. Elementwise it is the same
     update (float32 round-off apart), but XLA's CPU backend compiles one fused kernel for it
-    instead of several per parameter array: the R-gauss train step has 105 fewer kernels and
-    compiles in ~17 instead of ~21 s, at the same step time. ``flat=False`` is the per-array
-    state that checkpoints written before 2026-11-29 hold (`restore_train_state` converts).
+    instead of several per parameter array, which compiles faster at the same step time
+    (docs/performance.md, "Compilation"). ``flat=False`` is the per-array state of older
+    checkpoints (`restore_train_state` converts).
     """
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
@@ -482,8 +482,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def release_free_memory() -> None:
     """Hands the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op
     elsewhere). Call it after compiling: XLA frees the memory its compiler used, but glibc
-    keeps it mapped, so it would add to the peak RSS of the steps that follow (measured on
-    CPU, R-gauss training at batch 64: peak 2015 -> 1577 MiB)."""
+    keeps it mapped, so it would add to the peak RSS of the steps that follow."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -509,12 +508,8 @@ def evaluate(
 
 # XLA compiles the steps for CPU at backend (LLVM) optimisation level 1, not its default: the
 # steps spend their time in the matmul library and the C++ kernel, which this does not touch,
-# and XLA's own loops ran as fast (2 devices, compiled variants alternating in one process,
-# train / eval img/s, default -> level 1: R-gauss 33.4 / 155.1 -> 33.6 / 156.8, Q-gauss 22.2 /
-# 103.7 -> 22.6 / 101.6, D-gauss 12.2 / 53.8 -> 11.7 / 53.2, R-fd 31.1 / 157.3 -> 31.7 /
-# 158.4), while XLA compiled the R-gauss train step in 14.3-17.6 s instead of 17.7-21.8 (fresh
-# processes alternating, five each). Gradients: R-gauss bitwise the same; Q-gauss within 4e-4
-# (relative, per array), a tenth of what separates the Fourier and dense formulations.
+# so they run as fast and compile faster, with gradients equal up to float32 round-off
+# (docs/performance.md, "Compilation").
 CPU_STEP_COMPILER_OPTIONS: Mapping[str, int] = types.MappingProxyType(
     {"xla_backend_optimization_level": 1}
 )
