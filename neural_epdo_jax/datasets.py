@@ -20,7 +20,7 @@ One entry point, :func:`load`, for three sources (``KNOWN_DATASETS``):
     ``rotate=True`` applies the same seeded rotation as ``rotated_digits``.
 
 On disk: the two TFDS datasets are prepared (array_record files) under ``data_dir``, by default
-``$NEURAL_EPDO_DATA_DIR`` or else ``~/tensorflow_datasets``::
+``$NEURAL_EPDO_JAX_DATA_DIR`` or else ``~/tensorflow_datasets``::
 
     <data_dir>/mnist_rot/1.0.0/mnist_rot-{train,test}.array_record-*
     <data_dir>/rotated_digits/1.0.0/rotated_digits-{train,test}.array_record-*
@@ -58,7 +58,7 @@ from etils import epath
 
 KNOWN_DATASETS: tuple[str, ...] = ("mnist_rot", "rotated_digits", "idx")
 
-DATA_DIR_ENV = "NEURAL_EPDO_DATA_DIR"
+DATA_DIR_ENV = "NEURAL_EPDO_JAX_DATA_DIR"
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -118,7 +118,7 @@ class DataError(ValueError):
 
 
 def default_data_dir() -> str:
-    """Where TFDS datasets are prepared: $NEURAL_EPDO_DATA_DIR, else ~/tensorflow_datasets."""
+    """Where TFDS datasets are prepared: $NEURAL_EPDO_JAX_DATA_DIR, else ~/tensorflow_datasets."""
     return os.environ.get(DATA_DIR_ENV) or os.path.join(
         os.path.expanduser("~"), "tensorflow_datasets"
     )

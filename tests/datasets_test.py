@@ -480,3 +480,11 @@ def test_preparing_leaves_no_temporary_folders(tmp_path, monkeypatch):
     datasets.prepare("rotated_digits", data_dir=str(tmp_path / "b"))
     assert not list(system_tmp.iterdir())
     assert tempfile.tempdir == str(system_tmp)  # the setting is restored
+
+
+def test_default_data_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURAL_EPDO_JAX_DATA_DIR", str(tmp_path))
+    assert datasets.default_data_dir() == str(tmp_path)
+    monkeypatch.delenv("NEURAL_EPDO_JAX_DATA_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert datasets.default_data_dir() == str(tmp_path / "home" / "tensorflow_datasets")
