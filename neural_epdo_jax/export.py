@@ -45,12 +45,9 @@ import numpy as np
 
 from neural_epdo_jax import layers, models, parallel
 from neural_epdo_jax.core import bases, fields, groups
+from neural_epdo_jax.layers.norm import BATCH_NORM_EPS, GROUP_NORM_EPS
 
 Arrays = tuple[dict[str, jax.Array], ...]
-
-# Must match the epsilons of layers.FieldBatchNorm / layers.FieldGroupNorm (the model's).
-_BN_EPS = 1e-5
-_GN_EPS = 1e-5
 
 
 class FreezeError(ValueError):
@@ -154,24 +151,6 @@ def _group_pool(op: Op, a: dict, x: jax.Array) -> jax.Array:
     return jnp.max(x.reshape(x.shape[:-1] + (-1, op.field_size)), axis=-1)
 
 
-def _spatially_varying(x: jax.Array, w: jax.Array, g: int, k: int) -> jax.Array:
-    """``out[p, f, c] = sum_tap w[p, f mod g, c, tap] x[p + tap, f, c]`` (zero padding).
-
-    x: [B, H, W, F, d]; w: [B, H, W, g, d, k*k] -> [B, H, W, F, d].
-    """
-    b, h, wd, f, d = x.shape
-    c = k // 2
-    xp = jnp.pad(
-        x.reshape(b, h, wd, f // g, g, d), ((0, 0), (c, c), (c, c), (0, 0), (0, 0), (0, 0))
-    )
-    wr = w[:, :, :, None]  # [B, H, W, 1, g, d, taps]
-    out = jnp.zeros((b, h, wd, f // g, g, d), x.dtype)
-    for row in range(k):
-        for col in range(k):
-            out = out + wr[..., row * k + col] * xp[:, row : row + h, col : col + wd]
-    return out.reshape(b, h, wd, f, d)
-
-
 def _nlpdo(op: Op, a: dict, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     # Generator: 1x1 map, per-sample group norm (one group per regular field), ReLU.
@@ -179,7 +158,7 @@ def _nlpdo(op: Op, a: dict, x: jax.Array) -> jax.Array:
     hf = hid.reshape(b, h, w, -1, op.hidden_field_size)  # [B, H, W, M, |G|]
     mean = jnp.mean(hf, axis=(1, 2, 4), keepdims=True)
     var = jnp.mean(jnp.square(hf - mean), axis=(1, 2, 4), keepdims=True)
-    hf = (hf - mean) * jax.lax.rsqrt(var + _GN_EPS)
+    hf = (hf - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)
     hf = hf * a["norm_scale"][:, None] + a["norm_shift"][:, None]
     hid = jax.nn.relu(hf.reshape(b, h, w, -1))
     # Operators: grouped 1x1 map, then per-pixel L1 normalisation of each operator.
@@ -191,7 +170,7 @@ def _nlpdo(op: Op, a: dict, x: jax.Array) -> jax.Array:
     ops = ops / (jnp.sum(jnp.abs(ops), axis=-1, keepdims=True) + 0.01)
     ops = ops.reshape(b, h, w, op.g, op.field_size, taps)
     xs = x.reshape(b, h, w, c // op.field_size, op.field_size)
-    out = _spatially_varying(xs, ops, op.g, op.kernel_size).reshape(b, h, w, c)
+    out = layers.apply_spatially_varying(xs, ops, op.g, op.kernel_size).reshape(b, h, w, c)
     return jnp.dot(out, a["output"])
 
 
@@ -276,7 +255,7 @@ def _fold_bn(read: _Reader, name: str, ftype: fields.FieldType) -> dict[str, jax
     var = read("batch_stats", name, "var", shape=(f,))
     gamma = read("params", name, "scale", shape=(f,))
     beta = read("params", name, "bias", shape=(f,))
-    a = gamma * jax.lax.rsqrt(var + _BN_EPS)
+    a = gamma * jax.lax.rsqrt(var + BATCH_NORM_EPS)
     return {"scale": jnp.repeat(a, d), "shift": jnp.repeat(beta - mean * a, d)}
 
 
