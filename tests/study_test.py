@@ -24,6 +24,7 @@ import ml_collections
 from absl.testing import absltest
 
 from neural_epdo_jax import study
+from neural_epdo_jax import study_results as results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def _write(path, text):
 def _fake_run(workdir, test_accuracies, *, images_per_s=100.0, sweep=None):
     """A workdir as train.py leaves it: one epoch record per test accuracy."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, study.METRICS_FILE), "w") as f:
+    with open(os.path.join(workdir, results.METRICS_FILE), "w") as f:
         for epoch, accuracy in enumerate(test_accuracies, 1):
             record = dict(kind="epoch", epoch=epoch, step=3 * epoch, test_accuracy=accuracy)
             record.update(train_loss=1.0, images_per_s=images_per_s)
@@ -62,7 +63,7 @@ def _fake_run(workdir, test_accuracies, *, images_per_s=100.0, sweep=None):
             f.write(json.dumps(record) + "\n")
     if sweep is not None:
         angles, accuracies = sweep
-        with open(os.path.join(workdir, study.SWEEP_JSON), "w") as f:
+        with open(os.path.join(workdir, results.SWEEP_JSON), "w") as f:
             json.dump(
                 dict(
                     checkpoint="latest",
@@ -134,17 +135,17 @@ class HelpersTest(absltest.TestCase):
     def test_mean_and_std_by_hand(self):
         # 0.90, 0.92, 0.97: mean 0.93; deviations -0.03, -0.01, 0.04; squares sum 0.0026;
         # sample variance 0.0026 / 2 = 0.0013; std sqrt(0.0013) = 0.036056.
-        mean, std = study.mean_std([0.90, 0.92, 0.97])
+        mean, std = results.mean_std([0.90, 0.92, 0.97])
         self.assertAlmostEqual(mean, 0.93, places=12)
         self.assertAlmostEqual(std, 0.0360555127546399, places=12)
-        self.assertEqual(study.format_mean_std([0.90, 0.92, 0.97]), "0.9300 ± 0.0361")
-        self.assertEqual(study.format_mean_std([0.5]), "0.5000 (1 seed)")
-        self.assertEqual(study.format_mean_std([]), "–")
-        self.assertEqual(study.format_duration(184.4), "3 min 4 s")
+        self.assertEqual(results.format_mean_std([0.90, 0.92, 0.97]), "0.9300 ± 0.0361")
+        self.assertEqual(results.format_mean_std([0.5]), "0.5000 (1 seed)")
+        self.assertEqual(results.format_mean_std([]), "–")
+        self.assertEqual(results.format_duration(184.4), "3 min 4 s")
         self.assertAlmostEqual(
-            study.quarter_turn_change([0, 90, 180, 270], [0.9, 0.9, 0.88, 0.93]), 0.03
+            results.quarter_turn_change([0, 90, 180, 270], [0.9, 0.9, 0.88, 0.93]), 0.03
         )
-        self.assertIsNone(study.quarter_turn_change([0, 45], [0.9, 0.8]))
+        self.assertIsNone(results.quarter_turn_change([0, 45], [0.9, 0.8]))
 
     def test_tables_from_hand_written_workdirs(self):
         root = self.enter_context(tempfile.TemporaryDirectory())
@@ -170,9 +171,9 @@ class HelpersTest(absltest.TestCase):
         study._write_status(expanded[5].workdir, error="train.py: error: boom", wall_time_s=2.0)
 
         rows = study.collect(config, expanded, root, "toy")
-        table = _read_csv(os.path.join(root, study.RESULTS_CSV))
+        table = _read_csv(os.path.join(root, results.RESULTS_CSV))
         self.assertEqual(len(table), 6)
-        self.assertEqual(list(table[0]), list(study.CSV_FIELDS))
+        self.assertEqual(list(table[0]), list(results.CSV_FIELDS))
         by_key = {(r["name"], r["seed"]): r for r in table}
         self.assertEqual(
             [by_key["good", s]["last_test_accuracy"] for s in "012"], ["0.9", "0.92", "0.97"]
@@ -194,7 +195,7 @@ class HelpersTest(absltest.TestCase):
         ))  # fmt: skip
         self.assertNotEqual(rows[0]["parameters"], rows[3]["parameters"])  # g=1 vs g=2
 
-        with open(os.path.join(root, study.RESULTS_MD)) as f:
+        with open(os.path.join(root, results.RESULTS_MD)) as f:
             md = f.read()
         good = next(line for line in md.splitlines() if line.startswith("| good |"))
         # last: 0.93 ± 0.0361 (above); best 0.90, 0.95, 0.97: mean 0.94, deviations -0.04,
@@ -207,20 +208,26 @@ class HelpersTest(absltest.TestCase):
         # Rotation: means over angles 0.9 and 0.955 (2 seeds): mean 0.9275, std 0.0389.
         rotation = [line for line in md.splitlines() if line.startswith("| good |")][1]
         self.assertIn("| 0.9275 ± 0.0389 |", rotation)
-        for name in (study.RESULTS_PNG, study.ROTATION_CSV, study.ROTATION_PNG):
+        for name in (results.RESULTS_PNG, results.ROTATION_CSV, results.ROTATION_PNG):
             self.assertTrue(os.path.exists(os.path.join(root, name)), name)
         curve = [
-            r for r in _read_csv(os.path.join(root, study.ROTATION_CSV)) if r["name"] == "good"
+            r for r in _read_csv(os.path.join(root, results.ROTATION_CSV)) if r["name"] == "good"
         ]
         self.assertEqual([r["angle_degrees"] for r in curve], ["0", "90", "180", "270"])
         self.assertEqual(curve[1]["mean_accuracy"], "0.925")
         self.assertEqual(curve[1]["seeds"], "2")
 
-    def test_a_killed_runner_takes_its_run_down_cleanly(self):
-        # The run gets SIGTERM (train.py's clean stop: save, exit) when the runner dies,
-        # even by kill -9, instead of training on unsupervised.
+    def test_a_stopped_or_killed_runner_stops_its_run_cleanly(self):
+        # SIGTERM to the runner is forwarded to the run; when the runner dies (even by
+        # kill -9) the run gets SIGTERM too (train.py's clean stop: save, exit) instead of
+        # training on unsupervised.
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            with self.subTest(signal.Signals(signum).name):
+                self._check_run_gets_sigterm(signum)
+
+    def _check_run_gets_sigterm(self, signum):
         root = self.enter_context(tempfile.TemporaryDirectory())
-        marker = os.path.join(root, "child_got_sigterm")
+        marker, log = os.path.join(root, "child_got_sigterm"), os.path.join(root, "log")
         child = _write(
             os.path.join(root, "child.py"),
             f"""
@@ -240,20 +247,24 @@ class HelpersTest(absltest.TestCase):
             sys.path.insert(0, {REPO!r})
             from neural_epdo_jax import study
             with study._Stop() as stop:
-                study._subprocess([sys.executable, {child!r}], {root + "/log"!r}, stop)
+                print(study._subprocess([sys.executable, {child!r}], {log!r}, stop)[0])
+            print("stopped" if stop.signum else "not stopped")
             """,
         )
-        proc = subprocess.Popen([sys.executable, parent], env=_env())
+        proc = subprocess.Popen(
+            [sys.executable, parent], env=_env(), stdout=subprocess.PIPE, text=True
+        )
         deadline = time.time() + 60
-        log = os.path.join(root, "log")
         while not os.path.exists(log) or "ready" not in open(log).read():  # noqa: SIM115
             self.assertLess(time.time(), deadline, "the child did not start")
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=60)
         while not os.path.exists(marker):
-            self.assertLess(time.time(), deadline, "the child outlived the runner")
+            self.assertLess(time.time(), deadline, "the child did not get SIGTERM")
             time.sleep(0.05)
+        if signum == signal.SIGTERM:  # the runner waited for the run, then stopped
+            self.assertEqual(output.split(), ["0", "stopped"])
 
 
 STUDIES = ("neural_vs_linear", "ablation_g_s", "paper_variants")
@@ -284,10 +295,11 @@ class ShippedStudiesTest(absltest.TestCase):
         self.assertEqual(params, dict(neural_epdo=20_466, pdo_econv=92_370, cnn=21_010))
         # The CNN is matched to the Neural ePDO's parameter count (within 5%).
         self.assertLess(abs(params["cnn"] / params["neural_epdo"] - 1), 0.05)
-        # One protocol for all three.
+        # One protocol for all three: every key but the model's is the same.
         configs = {n: study.load_config(r.config_file, r.overrides) for n, r in runs.items()}
-        for key in ("dataset", "num_epochs", "batch_size", "learning_rate", "augmentation"):
-            self.assertLen({str(c[key]) for c in configs.values()}, 1, key)
+        for key in configs["cnn"]:
+            if key not in ("model", "model_name"):
+                self.assertLen({str(c[key]) for c in configs.values()}, 1, key)
         self.assertEqual(configs["pdo_econv"].model.g, -1)
         self.assertEqual(configs["cnn"].model_name, "CNN")
 
@@ -365,7 +377,7 @@ class EndToEndTest(absltest.TestCase):
             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         self.assertEqual(partial.returncode, 0, partial.stderr)
-        first_epoch = study.read_records(f"{workdir}/a/seed_0")
+        first_epoch = results.read_records(f"{workdir}/a/seed_0")
         self.assertEqual([r["epoch"] for r in first_epoch], [1])
 
         run = self._runner(*flags)
@@ -379,11 +391,11 @@ class EndToEndTest(absltest.TestCase):
         # The killed run resumed: its first epoch is the one it had, its second new.
         with open(f"{workdir}/a/seed_0/train.log") as f:
             self.assertIn("resumed from", f.read())
-        records = study.read_records(f"{workdir}/a/seed_0")
+        records = results.read_records(f"{workdir}/a/seed_0")
         self.assertEqual([r["epoch"] for r in records], [1, 2])
         self.assertEqual(records[0], first_epoch[0])
 
-        table = _read_csv(f"{workdir}/{study.RESULTS_CSV}")
+        table = _read_csv(f"{workdir}/{results.RESULTS_CSV}")
         self.assertEqual(
             [(r["name"], r["seed"], r["status"]) for r in table],
             [
@@ -402,13 +414,13 @@ class EndToEndTest(absltest.TestCase):
         self.assertIn("divisible by g=3", table[4]["error"])
         self.assertEqual(table[4]["parameters"], "")  # the model cannot be built
         # results.md: the mean and std of exactly the values in results.csv.
-        with open(f"{workdir}/{study.RESULTS_MD}") as f:
+        with open(f"{workdir}/{results.RESULTS_MD}") as f:
             md = f.read()
         a_values = [float(r["last_test_accuracy"]) for r in table[:2]]
         self.assertIn(f"| a | {int(table[0]['parameters']):,} | 2/2 | "
-                      f"{study.format_mean_std(a_values)} |", md)  # fmt: skip
+                      f"{results.format_mean_std(a_values)} |", md)  # fmt: skip
         self.assertIn("| bad | – | 0/2 | – |", md)
-        self.assertTrue(os.path.exists(f"{workdir}/{study.RESULTS_PNG}"))
+        self.assertTrue(os.path.exists(f"{workdir}/{results.RESULTS_PNG}"))
 
         # Rerun: finished runs are skipped (nothing is trained again), the failure retried.
         mtimes = [
@@ -422,14 +434,14 @@ class EndToEndTest(absltest.TestCase):
             mtimes,
             [os.path.getmtime(f"{workdir}/{r}/seed_{s}/metrics.jsonl") for r in "ab" for s in "01"],
         )
-        table = _read_csv(f"{workdir}/{study.RESULTS_CSV}")
+        table = _read_csv(f"{workdir}/{results.RESULTS_CSV}")
 
         # --collect_only: the tables again from the workdirs, nothing run.
-        os.remove(f"{workdir}/{study.RESULTS_CSV}")
+        os.remove(f"{workdir}/{results.RESULTS_CSV}")
         collected = self._runner(*flags, "--collect_only")
         self.assertEqual(collected.returncode, 0, collected.stderr)
         self.assertNotRegex(collected.stdout, r"\[\d/6\]")  # no run's progress line
-        self.assertEqual(_read_csv(f"{workdir}/{study.RESULTS_CSV}"), table)
+        self.assertEqual(_read_csv(f"{workdir}/{results.RESULTS_CSV}"), table)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ R-fd, R-gauss, Q-gauss, D-gauss (configs/mnist_rot_*.py), the linear PDO-eConv b
 (configs/mnist_rot_pdo_econv.py) and the plain CNN with R-gauss's parameter count
 (configs/cnn_baseline.py), each with the paper's protocol: MNIST-rot (needs
 `mnist_rotation_new.zip`, see neural_epdo_jax/datasets.py), 199 epochs, 3 seeds. Each
-finished run is also evaluated on the first 10,000 test images rotated by every 15 degrees.
+finished run is also evaluated on a fixed subset of 10,000 test images rotated by every 15
+degrees.
 
 This is the GPU study: on a CPU the runner refuses to train it (a single run takes days);
 `--dry_run` prints the 18 train.py commands for a scheduler (one GPU each), and
