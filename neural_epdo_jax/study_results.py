@@ -105,7 +105,7 @@ def run_result(name: str, seed: int, workdir: str, num_epochs: int) -> dict[str,
     if "wall_time_s" in status_record:
         row["wall_time_s"] = status_record["wall_time_s"]
     sweep = read_json(os.path.join(workdir, SWEEP_JSON))
-    if finished and sweep.get("rotated_accuracy"):
+    if finished and sweep.get("rotated_accuracy") and sweep.get("step") == records[-1]["step"]:
         row["rotation_mean_accuracy"] = float(np.mean(sweep["rotated_accuracy"]))
         row["rotation_min_accuracy"] = float(np.min(sweep["rotated_accuracy"]))
         row["rotation_quarter_turn_change"] = quarter_turn_change(
@@ -294,9 +294,9 @@ def rotation_table(rows: Sequence[Mapping[str, Any]]):
     """Per run name: (angles, [accuracies of each finished seed]) from the sweeps on disk."""
     table: dict[str, tuple[list[float], list[list[float]]]] = {}
     for row in rows:
-        sweep = read_json(os.path.join(row["workdir"], SWEEP_JSON))
-        if row["status"] != "finished" or not sweep.get("rotated_accuracy"):
+        if row.get("rotation_mean_accuracy") is None:  # no sweep of its last checkpoint
             continue
+        sweep = read_json(os.path.join(row["workdir"], SWEEP_JSON))
         angles, curves = table.setdefault(row["name"], (sweep["angles_degrees"], []))
         if sweep["angles_degrees"] == angles:
             curves.append(sweep["rotated_accuracy"])

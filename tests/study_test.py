@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from absl.testing import absltest
 
-from neural_epdo_jax import study
+from neural_epdo_jax import study, training
 from neural_epdo_jax import study_results as results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,7 +245,7 @@ class HelpersTest(absltest.TestCase):
             f"""
             import sys
             sys.path.insert(0, {REPO!r})
-            from neural_epdo_jax import study
+            from neural_epdo_jax import study, training
             with study._Stop() as stop:
                 print(study._subprocess([sys.executable, {child!r}], {log!r}, stop)[0])
             print("stopped" if stop.signum else "not stopped")
@@ -279,6 +279,8 @@ class ShippedStudiesTest(absltest.TestCase):
         for name in STUDIES:
             with self.subTest(name):
                 runs = self._expand(name)  # every run's config and overrides are valid
+                for run in runs[:: len({r.seed for r in runs})]:  # and builds its model
+                    training.validate_config(study.load_config(run.config_file, run.overrides))
                 self.assertGreaterEqual(len({r.seed for r in runs}), 3)
                 doc = importlib.import_module(f"configs.studies.{name}").__doc__
                 self.assertIn(f"--study=configs/studies/{name}.py", doc)

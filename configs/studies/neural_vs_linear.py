@@ -18,18 +18,22 @@ augmentation, batch 32, 8 epochs, Adam 1e-2 dropped x0.1 for epoch 8, the 1,000 
 every epoch. Each finished run is then evaluated on its test digits rotated by every 22.5
 degrees (last checkpoint): results.md's rotation table and results_rotation.png.
 
-Expected: neural_epdo above pdo_econv with a fifth of its parameters, both above the CNN;
-results.md and docs/results.md hold the measured tables. The bundled digits are rotated
-uniformly at random, so the rotated test sets stay uniformly rotated and a CNN's mean
-accuracy is flat across angles up to noise too; what equivariance shows is the quarter-turn
+Expected, if the paper's claims hold at this size: neural_epdo above pdo_econv with a
+fifth of its parameters, both above the CNN. Not measured yet (the study's results.md;
+docs/results.md once run); after 2 of the 8 epochs, trial runs of seed 0 stood the other
+way round: PDO-eConv 0.68, CNN 0.56, Neural ePDO 0.47. The bundled digits are rotated
+uniformly at random, so a rotated test set stays uniformly rotated and even the CNN's mean
+accuracy is flat across angles up to noise; what equivariance shows is the quarter-turn
 change: exactly 0 for the C8 models (their predictions do not change under rotations by
-multiples of 90 degrees, exact on the grid), about a point for the CNN. At angles off the
-grid every model sees a doubly interpolated (blurred) image; in 2-epoch trial runs the
-Neural ePDO lost more accuracy there than the CNN did (0.47 -> 0.28 against 0.56 -> 0.54).
+multiples of 90 degrees, exact on the grid), 0.010 for the CNN in the trial. At angles off
+the grid every model sees a doubly interpolated (blurred) image; in the trial the Neural
+ePDO lost far more accuracy there than the others (0.47 at quarter turns, 0.28-0.29 at 30
+and 60 degrees; PDO-eConv 0.68-0.70 and the CNN 0.54-0.58 at every angle).
 
-Cost on 2 CPU cores: about 35-40 minutes (training per seed: neural_epdo about 3.5 min,
-pdo_econv about 6-7 min, cnn under a minute; the rotation sweeps about 2 min per seed),
-estimated from 2-epoch trial runs on a shared machine, not yet measured end to end.
+Cost on 2 CPU cores: about 35-45 minutes, estimated (not yet measured end to end) from
+2-epoch trial runs on a shared machine scaled to the default's known 3 minutes: training
+per seed about 3 min for neural_epdo, 6-7 min for pdo_econv (2.4x slower per image) and
+under a minute for the CNN; the rotation sweeps about 2.5 min per seed.
 """
 
 import ml_collections
