@@ -54,24 +54,30 @@ def _images(batch=4, seed=0):
 def _generic_logits_fn(model, x):
     """Logits (minus their batch mean) of ``model`` with random, non-initial parameters and
     batch statistics from a few training-mode passes: a generic network of the class."""
-    key = jax.random.key(0)
-    v = model.init(key, x, train=False)
-    flat, unravel = jax.flatten_util.ravel_pytree(v["params"])
-    params = unravel(flat + 0.5 * jax.random.normal(key, flat.shape))
-    stats = v["batch_stats"]
-    for i in range(3):
-        _, upd = model.apply(
-            {"params": params, "batch_stats": stats},
-            x,
-            train=True,
-            rngs={"dropout": jax.random.fold_in(key, i)},
-            mutable=["batch_stats"],
-        )
-        stats = upd["batch_stats"]
+
+    @jax.jit
+    def generic_variables(key, x):  # one compile for all of it
+        v = model.init(key, x, train=False)
+        flat, unravel = jax.flatten_util.ravel_pytree(v["params"])
+        params = unravel(flat + 0.5 * jax.random.normal(key, flat.shape))
+
+        def step(i, stats):
+            _, upd = model.apply(
+                {"params": params, "batch_stats": stats},
+                x,
+                train=True,
+                rngs={"dropout": jax.random.fold_in(key, i)},
+                mutable=["batch_stats"],
+            )
+            return upd["batch_stats"]
+
+        return {"params": params, "batch_stats": jax.lax.fori_loop(0, 3, step, v["batch_stats"])}
+
+    v = generic_variables(jax.random.key(0), x)
 
     @jax.jit
     def fn(img):
-        logits = model.apply({"params": params, "batch_stats": stats}, img, train=False)
+        logits = model.apply(v, img, train=False)
         return logits - jnp.mean(logits, axis=0)
 
     return fn
@@ -98,10 +104,11 @@ def test_cnn_is_not_rotation_invariant_unlike_the_equivariant_network():
 def test_padding_rows_stay_out_of_the_batch_statistics():
     model = cnn.CNN(channels=(2, 2, 2, 2, 2, 2), dropout=0.0)
     x = _images(batch=3)
-    v = model.init(jax.random.key(1), x, train=False)
+    v = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
     padded = jnp.concatenate([x, jnp.ones_like(x[:2])])
     mask = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
 
+    @jax.jit
     def train_pass(images, mask):
         return model.apply(v, images, train=True, mask=mask, mutable=["batch_stats"])
 

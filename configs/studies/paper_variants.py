@@ -10,7 +10,7 @@ R-fd, R-gauss, Q-gauss, D-gauss (configs/mnist_rot_*.py), the linear PDO-eConv b
 finished run is also evaluated on a fixed subset of 10,000 test images rotated by every 15
 degrees.
 
-This is the GPU study: on a CPU the runner refuses to train it (a single run takes days);
+This is the GPU study: on a CPU the runner refuses to train it (one run takes about a day);
 `--dry_run` prints the 18 train.py commands for a scheduler (one GPU each), and
 `--collect_only` tabulates whatever they finished.
 
@@ -18,7 +18,8 @@ Expected: the paper's MNIST-rot table, about 99.1-99.2% for the regular models, 
 for PDO-eConv and the CNN; not measured yet (results go to docs/results.md once they are).
 Cost: projected from the GPU benchmark (benchmarks/PERFORMANCE.md, one H100-class GPU):
 R-fd 27-33 min, R-gauss 12 min, Q-gauss 13 min, D-gauss 20 min per run; PDO-eConv and the
-CNN not measured. With those two at most 30 min each, 3 seeds take about 6 GPU hours.
+CNN not measured. With those two at most 30 min each, 3 seeds take at most about 7 GPU
+hours.
 """
 
 import ml_collections
