@@ -384,13 +384,21 @@ def execute(
                 returncode, text = _subprocess(run.train_command(sys.executable), log_path, stop)
                 previous = results.read_json(os.path.join(run.workdir, results.STATUS_FILE))
                 wall = previous.get("wall_time_s", 0.0) + time.time() - start  # all attempts
-                error = None if returncode == 0 else _error_message(text, returncode)
+                finished = results.is_finished(run.workdir, num_epochs)
+                # A run stopped by a signal saves its step and exits 0 or 128 + the signal.
+                stopped = not finished and (
+                    stop.signum is not None
+                    or returncode == 0
+                    or returncode - 128 in (signal.SIGINT, signal.SIGTERM)
+                )
+                failed = not finished and not stopped
+                error = _error_message(text, returncode) if failed else None
                 _write_status(run.workdir, wall_time_s=wall, error=error, returncode=returncode)
-                if error is not None:
+                if failed:
                     failures += 1
                     print(f"{head}: FAILED: {error}", file=out, flush=True)
                     continue
-                if not results.is_finished(run.workdir, num_epochs):
+                if stopped:
                     print(f"{head}: stopped; rerun the study to resume it", file=out, flush=True)
                     continue
                 action = f"trained in {results.format_duration(time.time() - start)}"
