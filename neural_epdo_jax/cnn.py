@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import fields, groups, layers
+from neural_epdo_jax import layers
+from neural_epdo_jax.core import fields, groups
 
 
 def _plain(channels: int) -> fields.FieldType:
@@ -48,7 +49,7 @@ class CNN(nn.Module):
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        layers._dtype(self.dtype)
+        layers.as_dtype(self.dtype)
         super().__post_init__()
 
     @nn.compact
@@ -61,7 +62,7 @@ class CNN(nn.Module):
             raise ValueError(
                 f"CNN expects images of shape [batch, height, width, 1], got {tuple(x.shape)}."
             )
-        dt = layers._dtype(self.dtype)
+        dt = layers.as_dtype(self.dtype)
         k = self.kernel_size
         # PyTorch's Conv2d default: U(+-1/sqrt(fan_in)).
         init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

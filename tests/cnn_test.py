@@ -13,7 +13,8 @@ import pytest
 
 from configs import cnn_baseline
 from configs import test as test_config
-from neural_epdo_jax import cnn, evaluate, groups, models, testing, training
+from neural_epdo_jax import cnn, evaluate, models, testing, training
+from neural_epdo_jax.core import groups
 
 R_GAUSS_PARAMETERS = 234_186  # the reference's count (tests/models_test.py checks ours)
 

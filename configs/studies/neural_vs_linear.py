@@ -30,10 +30,10 @@ the grid every model sees a doubly interpolated (blurred) image; in the trial th
 ePDO lost far more accuracy there than the others (0.47 at quarter turns, 0.28-0.29 at 30
 and 60 degrees; PDO-eConv 0.68-0.70 and the CNN 0.54-0.58 at every angle).
 
-Cost on 2 CPU cores: about 35-45 minutes, estimated (not yet measured end to end) from
-2-epoch trial runs on a shared machine scaled to the default's known 3 minutes: training
-per seed about 3 min for neural_epdo, 6-7 min for pdo_econv (2.4x slower per image) and
-under a minute for the CNN; the rotation sweeps about 2.5 min per seed.
+Cost on 2 CPU cores: about 25-30 minutes on an otherwise idle machine, up to twice that on
+a busy one. Estimated from 1-epoch trial runs, not yet measured end to end: per seed about
+2.5 min for neural_epdo (274 training images/s), 4.5 min for pdo_econv (144 images/s),
+half a minute for the CNN, and 1-1.5 min for the three rotation sweeps.
 """
 
 import ml_collections

@@ -16,10 +16,10 @@ This is the GPU study: on a CPU the runner refuses to train it (one run takes ab
 
 Expected: the paper's MNIST-rot table, about 99.1-99.2% for the regular models, below that
 for PDO-eConv and the CNN; not measured yet (results go to docs/results.md once they are).
-Cost: projected from the GPU benchmark (benchmarks/PERFORMANCE.md, one H100-class GPU):
-R-fd 27-33 min, R-gauss 12 min, Q-gauss 13 min, D-gauss 20 min per run; PDO-eConv and the
-CNN not measured. With those two at most 30 min each, 3 seeds take at most about 7 GPU
-hours.
+Cost: projected from the GPU benchmark (docs/performance.md, one H200): R-gauss 12 min,
+Q-gauss 13 min, D-gauss 20 min per run, R-fd as R-gauss (the same computation); PDO-eConv
+and the CNN not measured on a GPU (the CNN trains at 680 images/s on 2 CPU cores). With
+those two at most 30 min each, 3 seeds take at most about 6 GPU hours.
 """
 
 import ml_collections
