@@ -67,6 +67,7 @@ from jax.experimental import multihost_utils
 from neural_epdo_jax import (
     augment,
     checkpointing,
+    cnn,
     datasets,
     input_pipeline,
     models,
@@ -78,7 +79,10 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 AUGMENTATIONS = augment.METHODS
 DTYPES = ("float32", "bfloat16")
-MODELS: Mapping[str, Callable[..., nn.Module]] = {"NeuralEPDONet": models.NeuralEPDONet}
+MODELS: Mapping[str, Callable[..., nn.Module]] = {
+    "NeuralEPDONet": models.NeuralEPDONet,
+    "CNN": cnn.CNN,
+}
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -420,7 +420,7 @@ class ConfigErrorTest(parameterized.TestCase):
 
     @parameterized.named_parameters(
         ("bad_value", ["--config.batch_size=abc"], "train.py: error: flag --config.batch_size=abc: invalid literal for int()"),
-        ("missing_file", ["--config=configs/nope.py"], "train.py: error: config file configs/nope.py does not exist; configs/ has: default.py,"),
+        ("missing_file", ["--config=configs/nope.py"], "train.py: error: config file configs/nope.py does not exist; configs/ has: cnn_baseline.py, default.py,"),
         ("hosts_without_distributed", ["--config=configs/test.py", "--num_processes=2"], "train.py: error: --coordinator_address/--num_processes/--process_id need --config.distributed=True"),
     )  # fmt: skip
     def test_bad_command_line_is_one_line(self, args, message):
