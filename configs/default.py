@@ -2,12 +2,13 @@
 
   bash run.sh train        # = python train.py --config=configs/default.py --workdir=runs/default
 
-Trains 8 epochs on the 4,000 bundled rotated digits (no download) and prints the accuracy
-on their 1,000 test digits; rerunning resumes from runs/default.
-Expected: test accuracy 0.93-0.95 (0.948 on a 2-core CPU). Runs are deterministic on one
-machine; summing in another order (another device count, the XLA formulation instead of
-the C++ kernel) moves the result within that range. 20,466 parameters.
-Cost: about 5-6 minutes on 2 CPU cores.
+Trains 14 epochs on the 4,000 bundled rotated digits (no download), the last four at a
+tenth of the learning rate, and prints the accuracy on their 1,000 test digits; rerunning
+resumes from runs/default.
+Expected: last-epoch test accuracy 0.963 on a 2-core CPU (seed 0). Runs are deterministic on
+one machine; summing in another order (another device count, the XLA formulation instead of
+the C++ kernel) moves it by a few tenths of a point. 20,466 parameters.
+Cost: about 4-5 minutes on 2 idle CPU cores, compilation included.
 """
 
 import ml_collections
@@ -59,14 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Optimisation: Adam with coupled L2 (PyTorch `weight_decay`), piecewise constant LR.
     config.seed = 0
     config.batch_size = 32
-    config.num_epochs = 8
+    config.num_epochs = 14
     config.learning_rate = 1e-2  # 5x the paper's: few epochs; 2e-3 barely moves in 10.
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
     config.adam_eps = 1e-8
     config.weight_decay = 1e-4
     # Epoch b (counted from 1) is the first epoch at the scaled rate; scales are cumulative.
-    config.lr_boundaries_epochs = (8,)
+    config.lr_boundaries_epochs = (11,)
     config.lr_scales = (0.1,)
     # The reference re-creates Adam every epoch (moments and bias correction reset).
     config.reset_adam_every_epoch = False
