@@ -110,7 +110,7 @@ class Bench:
         self.x = jax.random.uniform(key, (batch, 28, 28, 1))
         self.y = jax.random.randint(key, (batch,), 0, 10)
         variables = jax.jit(functools.partial(model.init, train=False))(key, self.x[:2])
-        # Flat Adam state, as train.py (`training.create_optimizer`).
+        # Flat Adam state, as train.py (`train.state.create_optimizer`).
         tx = optax.flatten(
             optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
         )

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neural_epdo_jax import datasets, layers, testing
+from neural_epdo_jax import layers, testing
 from neural_epdo_jax.core import fields, groups
+from neural_epdo_jax.data import sources
 
 
 class C8Net(nn.Module):
@@ -88,7 +89,7 @@ def load_data(kind: str, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     ('digits', a seeded subset) or random blobs with random labels ('random')."""
     rng = np.random.default_rng(seed)
     if kind == "digits":
-        images, labels = datasets.load("rotated_digits", "train")
+        images, labels = sources.load("rotated_digits", "train")
         keep = rng.permutation(len(images))[:num]
         return images[keep], labels[keep]
     if kind == "random":

@@ -32,10 +32,11 @@ from configs import (
     mnist_rot_regular_fd,
     mnist_rot_regular_gauss,
 )
-from neural_epdo_jax import convert, layers
+from neural_epdo_jax import layers
 from neural_epdo_jax.core import groups
+from neural_epdo_jax.tools import convert
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.environ.get("NEURAL_EPDO_JAX_REFERENCE_FIXTURES") or os.path.join(
     ROOT, "..", "shared", "fixtures", "reference"
 )
@@ -295,7 +296,7 @@ def test_cli_convert_evaluate_export(tmp_path):
         return res.stdout
 
     out = run(
-        "neural_epdo_jax.convert",
+        "neural_epdo_jax.tools.convert",
         f"--reference={_path('D-gauss')}",
         "--config=configs/mnist_rot_dihedral_gauss.py",
         *common,
@@ -303,17 +304,17 @@ def test_cli_convert_evaluate_export(tmp_path):
     )
     assert "largest relative residual" in out
     out = run(
-        "neural_epdo_jax.evaluate",
+        "neural_epdo_jax.tools.evaluate",
         f"--workdir={workdir}",
         "--checkpoint=latest",
         "--num_test_examples=16",
         "--angle_step_degrees=90",
     )
     assert "test accuracy" in out
-    run("neural_epdo_jax.export", f"--workdir={workdir}", f"--output={exported}")
+    run("neural_epdo_jax.tools.export", f"--workdir={workdir}", f"--output={exported}")
     assert exported.stat().st_size > 0
     run(
-        "neural_epdo_jax.convert",
+        "neural_epdo_jax.tools.convert",
         "--direction=to_reference",
         f"--workdir={workdir}",
         f"--output={back}",
@@ -325,7 +326,7 @@ def test_cli_convert_evaluate_export(tmp_path):
     res = subprocess.run(
         [
             *py,
-            "neural_epdo_jax.convert",
+            "neural_epdo_jax.tools.convert",
             f"--reference={_path('D-gauss')}",
             "--config=configs/mnist_rot_dihedral_gauss.py",
             *common,

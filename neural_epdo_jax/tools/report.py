@@ -1,6 +1,6 @@
 """Equivariance and rotation-robustness report of a trained checkpoint.
 
-  python -m neural_epdo_jax.report --workdir=runs/default [--checkpoint=best]
+  python -m neural_epdo_jax.tools.report --workdir=runs/default [--checkpoint=best]
       [--num_images=500] [--num_equivariance_images=4] [--angle_step_degrees=15]
 
 For the workdir's best (or latest) checkpoint, restored with the config it was trained with:
@@ -37,18 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import (
-    augment,
-    checkpointing,
-    evaluate,
-    input_pipeline,
-    layers,
-    models,
-    parallel,
-    testing,
-    training,
-)
+from neural_epdo_jax import layers, models, testing
 from neural_epdo_jax.core import fields
+from neural_epdo_jax.data import augment, pipeline
+from neural_epdo_jax.runtime import parallel
+from neural_epdo_jax.tools import evaluate
+from neural_epdo_jax.train import checkpointing
+from neural_epdo_jax.train.loop import load_split
+from neural_epdo_jax.train.state import create_model
 
 REPORT_JSON = "report.json"
 EQUIVARIANCE_PNG = "report_equivariance.png"
@@ -215,7 +211,7 @@ def rotation_robustness(
       the unrotated ones); ``logit_change_mean`` / ``logit_change_max`` (per image
       ``|f(R x) - f(x)| / |f(x)|``, L2 over the logits).
     """
-    input_pipeline.check_images(images)
+    pipeline.check_images(images)
     n = len(images)
     batch_size = min(batch_size, n)
 
@@ -395,12 +391,12 @@ def make_report(
     if not os.path.isdir(workdir):
         raise checkpointing.NoCheckpointError(f"{workdir!r} does not exist: no run to report on.")
     config, state, step, which = evaluate.load_state(workdir, checkpoint)
-    model = training.create_model(config)
+    model = create_model(config)
     if not isinstance(model, models.NeuralEPDONet):
         raise ValueError(f"report supports NeuralEPDONet models, the config has {type(model)}.")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     limit = config.num_test_examples if num_images is None else num_images
-    images, labels = training.load_split(config, config.test_split, limit)
+    images, labels = load_split(config, config.test_split, limit)
     eq_images = jnp.asarray(images[: min(num_equivariance_images, len(images))])
 
     equivariance = equivariance_table(model, variables, eq_images, radius_fraction=radius_fraction)

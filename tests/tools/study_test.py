@@ -1,4 +1,4 @@
-"""Tests of the study runner (neural_epdo_jax.study).
+"""Tests of the study runner (neural_epdo_jax.tools.study).
 
 Unit tests build workdirs by hand (metrics written as numbers chosen here) and check the
 tables against means and standard deviations worked out by hand. The end-to-end test runs a
@@ -23,10 +23,11 @@ import jax
 import ml_collections
 from absl.testing import absltest
 
-from neural_epdo_jax import study, training
-from neural_epdo_jax import study_results as results
+from neural_epdo_jax.tools import study
+from neural_epdo_jax.tools import study_results as results
+from neural_epdo_jax.train.state import validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
 if jax.config.jax_compilation_cache_dir is None:
@@ -245,7 +246,7 @@ class HelpersTest(absltest.TestCase):
             f"""
             import sys
             sys.path.insert(0, {REPO!r})
-            from neural_epdo_jax import study, training
+            from neural_epdo_jax.tools import study
             with study._Stop() as stop:
                 print(study._subprocess([sys.executable, {child!r}], {log!r}, stop)[0])
             print("stopped" if stop.signum else "not stopped")
@@ -280,7 +281,7 @@ class ShippedStudiesTest(absltest.TestCase):
             with self.subTest(name):
                 runs = self._expand(name)  # every run's config and overrides are valid
                 for run in runs[:: len({r.seed for r in runs})]:  # and builds its model
-                    training.validate_config(study.load_config(run.config_file, run.overrides))
+                    validate_config(study.load_config(run.config_file, run.overrides))
                 self.assertGreaterEqual(len({r.seed for r in runs}), 3)
                 doc = importlib.import_module(f"configs.studies.{name}").__doc__
                 self.assertIn(f"--study=configs/studies/{name}.py", doc)
@@ -306,7 +307,7 @@ class ShippedStudiesTest(absltest.TestCase):
         self.assertEqual(configs["cnn"].model_name, "CNN")
 
     def test_paper_variants_run_only_on_an_accelerator_or_as_a_dry_run(self):
-        runner = [sys.executable, "-m", "neural_epdo_jax.study"]
+        runner = [sys.executable, "-m", "neural_epdo_jax.tools.study"]
         flags = ["--study=configs/studies/paper_variants.py", "--workdir=/nonexistent/x"]
         kwargs = dict(cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
         refused = subprocess.run([*runner, *flags], **kwargs)
@@ -318,7 +319,7 @@ class ShippedStudiesTest(absltest.TestCase):
         commands = dry.stdout.splitlines()
         self.assertLen(commands, 18)
         self.assertIn("--config=configs/mnist_rot_dihedral_gauss.py", commands[9])
-        self.assertIn("python -m neural_epdo_jax.evaluate", commands[0])
+        self.assertIn("python -m neural_epdo_jax.tools.evaluate", commands[0])
 
 
 class EndToEndTest(absltest.TestCase):
@@ -346,7 +347,7 @@ class EndToEndTest(absltest.TestCase):
 
     def _runner(self, *flags):
         return subprocess.run(
-            [sys.executable, "-m", "neural_epdo_jax.study", *flags],
+            [sys.executable, "-m", "neural_epdo_jax.tools.study", *flags],
             cwd=REPO,
             env=_env(),
             capture_output=True,

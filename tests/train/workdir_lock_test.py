@@ -1,4 +1,4 @@
-"""Tests of neural_epdo_jax.workdir_lock: one run per workdir, stale locks taken over."""
+"""Tests of neural_epdo_jax.train.workdir_lock: one run per workdir, stale locks taken over."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import tempfile
 
 from absl.testing import absltest
 
-from neural_epdo_jax import workdir_lock
+from neural_epdo_jax.train import workdir_lock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _dead_pid() -> int:

@@ -1,6 +1,7 @@
 """Config-file studies: named runs x seeds, trained one after another, tabulated.
 
-  python -m neural_epdo_jax.study --study=configs/studies/<name>.py --workdir=runs/studies/<name>
+  python -m neural_epdo_jax.tools.study --study=configs/studies/<name>.py \
+      --workdir=runs/studies/<name>
   ... --dry_run        # print every run's `python train.py ...` command, run nothing
   ... --collect_only   # tabulate whatever has finished (e.g. runs a scheduler ran), run nothing
 
@@ -52,9 +53,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from neural_epdo_jax import study_results as results
+from neural_epdo_jax.tools import study_results as results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PY = os.path.join(REPO, "train.py")
 LOG_FILE = "train.log"
 STUDY_KEYS = frozenset(
@@ -91,7 +92,7 @@ class Run:
 
     def sweep_command(self, study: ml_collections.ConfigDict, python: str = "python") -> list[str]:
         """The `evaluate` command of this run's rotation sweep (its last checkpoint)."""
-        command = [python, "-m", "neural_epdo_jax.evaluate", f"--workdir={self.workdir}"]
+        command = [python, "-m", "neural_epdo_jax.tools.evaluate", f"--workdir={self.workdir}"]
         command += ["--checkpoint=latest", f"--angle_step_degrees={study.rotation_sweep_degrees:g}"]
         if study.rotation_sweep_examples != -1:
             command.append(f"--num_test_examples={study.rotation_sweep_examples}")
@@ -211,10 +212,11 @@ def count_parameters(config: ml_collections.ConfigDict) -> int | None:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # this process never needs the accelerator
-    from neural_epdo_jax import models, training
+    from neural_epdo_jax import models
+    from neural_epdo_jax.train.state import create_model
 
     try:
-        model = training.create_model(config)
+        model = create_model(config)
         x = jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32)
         key = jax.ShapeDtypeStruct((2,), np.uint32)
         shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), key, x)

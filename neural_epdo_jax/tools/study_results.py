@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"  # training.METRICS_FILE (not imported: that pulls in JAX)
+METRICS_FILE = "metrics.jsonl"  # METRICS_FILE (not imported: that pulls in JAX)
 SWEEP_JSON = "rotation_sweep.json"  # evaluate.SWEEP_JSON
 STATUS_FILE = "study_run.json"  # the runner's record of a run: wall time, last error
 RESULTS_CSV, RESULTS_MD, RESULTS_PNG = "results.csv", "results.md", "results.png"

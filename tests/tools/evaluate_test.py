@@ -1,4 +1,4 @@
-"""Tests of neural_epdo_jax.evaluate on a workdir with hand-made checkpoints (no training)."""
+"""Tests of neural_epdo_jax.tools.evaluate on a workdir with hand-made checkpoints (no training)."""
 
 import glob
 import json
@@ -14,9 +14,16 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import test as test_config
-from neural_epdo_jax import checkpointing, evaluate, training
+from neural_epdo_jax.tools import evaluate
+from neural_epdo_jax.train import checkpointing
+from neural_epdo_jax.train.state import (
+    create_learning_rate_schedule,
+    create_model,
+    create_optimizer,
+    create_train_state,
+)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
 if jax.config.jax_compilation_cache_dir is None:
@@ -40,9 +47,9 @@ class EvaluateTest(absltest.TestCase):
         cls.root = tempfile.mkdtemp(prefix="evaluate_test_")
         cls.workdir = os.path.join(cls.root, "run")
         config = test_config.get_config()
-        model = training.create_model(config)
-        tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 3))
-        state = training.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+        model = create_model(config)
+        tx = create_optimizer(config, create_learning_rate_schedule(config, 3))
+        state = create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
         checkpointing.check_and_save_config(config, cls.workdir)
         manager = checkpointing.create_manager(cls.workdir)
         # Best: the initial parameters (step 3). Latest: scaled ones (step 6), worse on test.
@@ -104,7 +111,7 @@ class EvaluateTest(absltest.TestCase):
         with self.assertRaisesRegex(checkpointing.NoCheckpointError, "no checkpoint"):
             evaluate.load_state(empty)
         for command in (
-            ["-m", "neural_epdo_jax.evaluate", f"--workdir={empty}"],
+            ["-m", "neural_epdo_jax.tools.evaluate", f"--workdir={empty}"],
             ["train.py", "--mode=eval", f"--workdir={empty}"],
         ):
             proc = _run(*command)
@@ -147,7 +154,9 @@ class EvaluateTest(absltest.TestCase):
             checkpointing.UnreadableWorkdirError, r"step 6: state/_METADATA is missing; step 3"
         ):
             evaluate.load_state(workdir, "latest")
-        proc = _run("-m", "neural_epdo_jax.evaluate", f"--workdir={workdir}", "--checkpoint=latest")
+        proc = _run(
+            "-m", "neural_epdo_jax.tools.evaluate", f"--workdir={workdir}", "--checkpoint=latest"
+        )
         self.assertEqual(proc.returncode, 1)
         self.assertRegex(
             proc.stderr.strip().splitlines()[-1],
@@ -174,7 +183,7 @@ class EvaluateTest(absltest.TestCase):
         shutil.copytree(self.workdir, workdir)
         proc = _run(
             "-m",
-            "neural_epdo_jax.evaluate",
+            "neural_epdo_jax.tools.evaluate",
             f"--workdir={workdir}",
             "--checkpoint=latest",
             "--angle_step_degrees=90",

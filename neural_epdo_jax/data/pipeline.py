@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from neural_epdo_jax import parallel
+from neural_epdo_jax.runtime import parallel
 
 DATA_AXIS = parallel.DATA_AXIS
 

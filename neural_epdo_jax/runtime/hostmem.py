@@ -9,7 +9,7 @@ which leaves a few hundred faults per step: training and evaluation about a quar
 at the same peak memory (docs/performance.md).
 
 glibc reads tunables only when a process starts. ``run.sh`` exports the tunable, and the
-command-line entry points (train.py, ``python -m neural_epdo_jax.evaluate``, the model
+command-line entry points (train.py, ``python -m neural_epdo_jax.tools.evaluate``, the model
 benchmark) call :func:`reexec_with_huge_pages` first, which starts the same command again
 with it when it is missing. A script of your own gets it with
 ``export GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in its shell, or by calling

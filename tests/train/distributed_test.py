@@ -22,9 +22,11 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
-from neural_epdo_jax import checkpointing, evaluate, training, workdir_lock
+from neural_epdo_jax.tools import evaluate
+from neural_epdo_jax.train import checkpointing, workdir_lock
+from neural_epdo_jax.train.metrics import METRICS_FILE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPOCHS = 4  # 3 steps each
 TIMEOUT_S = 300
 
@@ -109,7 +111,7 @@ def _finish(procs):
 
 
 def _records(workdir):
-    with open(os.path.join(workdir, training.METRICS_FILE)) as f:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -136,7 +138,7 @@ class TwoProcessTest(absltest.TestCase):
         cls.workdir = os.path.join(cls.root, "two_processes")
         # First pair: SIGTERM to process 1 once a step is logged (process 0 logs).
         procs = _start_pair(cls.workdir)
-        path = os.path.join(cls.workdir, training.METRICS_FILE)
+        path = os.path.join(cls.workdir, METRICS_FILE)
         deadline = time.time() + TIMEOUT_S
         while all(p.poll() is None for p in procs) and time.time() < deadline:
             if os.path.exists(path) and any('"step": 2' in line for line in open(path)):

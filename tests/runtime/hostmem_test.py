@@ -1,4 +1,4 @@
-"""Tests for neural_epdo_jax.hostmem (huge pages for the C heap; no JAX needed)."""
+"""Tests for neural_epdo_jax.runtime.hostmem (huge pages for the C heap; no JAX needed)."""
 
 import os
 import shutil
@@ -8,9 +8,9 @@ import tempfile
 
 from absl.testing import absltest
 
-from neural_epdo_jax import hostmem
+from neural_epdo_jax.runtime import hostmem
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Counts its runs in a file, re-executes through hostmem, prints the tunables it ended with.
 _SCRIPT = r"""
@@ -18,7 +18,7 @@ import os, sys
 sys.path.insert(0, {repo!r})
 with open({count!r}, "a") as f:
     f.write("run\n")
-from neural_epdo_jax import hostmem
+from neural_epdo_jax.runtime import hostmem
 hostmem.reexec_with_huge_pages()
 print("TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))
 """

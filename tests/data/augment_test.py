@@ -1,4 +1,4 @@
-"""Tests for neural_epdo_jax.augment: rotation direction, resampling error, angle distribution."""
+"""Tests for neural_epdo_jax.data.augment: rotation direction, resampling error, angle distribution."""
 
 import functools
 
@@ -9,13 +9,13 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from scipy import stats
 
-from neural_epdo_jax import augment, datasets
+from neural_epdo_jax.data import augment, sources
 
 
 @functools.lru_cache(maxsize=None)
 def _digits(num: int = 16) -> np.ndarray:
     """Real upright MNIST digits [num, 28, 28, 1] in [0, 1] (the bundled ones)."""
-    digits, _ = datasets.read_bundled_digits()
+    digits, _ = sources.read_bundled_digits()
     return (digits[:num, :, :, None] / 255.0).astype(np.float32)
 
 
@@ -56,7 +56,7 @@ class RotateTest(parameterized.TestCase):
         angles = np.random.default_rng(0).uniform(-np.pi, np.pi, 16)
         digits = _digits()
         ours = _rotate(jnp.asarray(digits), jnp.asarray(angles, jnp.float32), order=1)
-        reference = datasets.rotate_bilinear_np(digits[..., 0], angles)[..., None]
+        reference = sources.rotate_bilinear_np(digits[..., 0], angles)[..., None]
         chex.assert_trees_all_close(ours, reference.astype(np.float32), atol=1e-5)
 
     def test_invalid_order(self):

@@ -1,4 +1,4 @@
-"""Tests of neural_epdo_jax.training: schedule, optimizer, steps, the loop and its recovery.
+"""Tests of neural_epdo_jax.train.loop: schedule, optimizer, steps, the loop and its recovery.
 
 Unit tests of the steps use a tiny stand-in network (``_TinyNet``, same interface as the
 model: ``train`` flag, BatchNorm statistics, dropout) so that they compile in a second. The
@@ -29,9 +29,32 @@ from absl.testing import absltest, parameterized
 from configs import default as default_config
 from configs import mnist_rot_regular_fd
 from configs import test as test_config
-from neural_epdo_jax import checkpointing, evaluate, input_pipeline, models, training
+from neural_epdo_jax import models
+from neural_epdo_jax.data import pipeline
+from neural_epdo_jax.runtime.host import default_compilation_cache_dir, use_compilation_cache
+from neural_epdo_jax.tools import evaluate
+from neural_epdo_jax.train import checkpointing
+from neural_epdo_jax.train.loop import NonFiniteLossError, load_split, train_and_evaluate
+from neural_epdo_jax.train.metrics import CURVES_FILE, METRICS_FILE, summary_line
+from neural_epdo_jax.train.state import (
+    ConfigError,
+    create_learning_rate_schedule,
+    create_model,
+    create_optimizer,
+    create_train_state,
+    flatten_opt_state,
+    reset_adam_state,
+    restore_train_state,
+)
+from neural_epdo_jax.train.steps import (
+    CPU_STEP_COMPILER_OPTIONS,
+    eval_step,
+    jit_steps,
+    step_compiler_options,
+    train_step,
+)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
 if jax.config.jax_compilation_cache_dir is None:
@@ -57,12 +80,12 @@ def _tiny_state():
     """A fresh tiny-net state (cached: tests must not donate it)."""
     config = test_config.get_config()
     config.learning_rate = 1e-2
-    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 3))
-    return training.create_train_state(jax.random.key(0), _TinyNet(), tx, (8, 8, 1))
+    tx = create_optimizer(config, create_learning_rate_schedule(config, 3))
+    return create_train_state(jax.random.key(0), _TinyNet(), tx, (8, 8, 1))
 
 
 # Shared by the step tests (one compilation): batches are always 32 rows.
-_train_step = jax.jit(training.train_step)
+_train_step = jax.jit(train_step)
 
 
 def _batch(n=32, pad=0, seed=0):
@@ -108,12 +131,12 @@ def _latest_params(workdir):
 
 
 def _records(workdir):
-    with open(os.path.join(workdir, training.METRICS_FILE)) as f:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
 def _max_logged_step(workdir):
-    path = os.path.join(workdir, training.METRICS_FILE)
+    path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return 0
     with open(path) as f:
@@ -137,13 +160,13 @@ class ScheduleTest(parameterized.TestCase):
         (1989, 2.5e-5),
     )
     def test_paper_schedule_at_boundaries(self, step, expected):
-        schedule = training.create_learning_rate_schedule(mnist_rot_regular_fd.get_config(), 10)
+        schedule = create_learning_rate_schedule(mnist_rot_regular_fd.get_config(), 10)
         np.testing.assert_allclose(schedule(step), expected, rtol=1e-6)
 
     def test_boundary_at_first_epoch_scales_from_the_start(self):
         config = default_config.get_config()
         config.lr_boundaries_epochs, config.lr_scales = (1,), (0.5,)
-        schedule = training.create_learning_rate_schedule(config, 7)
+        schedule = create_learning_rate_schedule(config, 7)
         np.testing.assert_allclose(schedule(0), config.learning_rate * 0.5, rtol=1e-6)
 
 
@@ -151,7 +174,7 @@ class OptimizerTest(absltest.TestCase):
     def test_matches_pytorch_adam_with_coupled_weight_decay(self):
         config = default_config.get_config()
         config.lr_boundaries_epochs, config.lr_scales = (2,), (0.1,)
-        tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 2))
+        tx = create_optimizer(config, create_learning_rate_schedule(config, 2))
         params = {"w": jnp.array([0.5, -1.0, 2.0])}
         grads = [np.array([0.1, 0.2, -0.3]), np.array([-0.2, 0.05, 0.4]), np.array([1.0, 0, 0])]
         state = tx.init(params)
@@ -170,9 +193,9 @@ class OptimizerTest(absltest.TestCase):
 
     def test_flat_state_is_the_per_array_update(self):
         config = default_config.get_config()
-        schedule = training.create_learning_rate_schedule(config, 2)
-        flat = training.create_optimizer(config, schedule)
-        per_array = training.create_optimizer(config, schedule, flat=False)
+        schedule = create_learning_rate_schedule(config, 2)
+        flat = create_optimizer(config, schedule)
+        per_array = create_optimizer(config, schedule, flat=False)
         params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.array([0.5, -1.0])}}
         states = [flat.init(params), per_array.init(params)]
         adam = states[0][1]
@@ -188,19 +211,17 @@ class OptimizerTest(absltest.TestCase):
             )
             chex.assert_trees_all_close(u_flat, u_arr, rtol=1e-6, atol=1e-9)
             params = optax.apply_updates(params, u_flat)
-        chex.assert_trees_all_close(
-            states[0], training.flatten_opt_state(states[1], params), rtol=1e-6
-        )
+        chex.assert_trees_all_close(states[0], flatten_opt_state(states[1], params), rtol=1e-6)
 
     def test_reset_adam_state_keeps_schedule_count(self):
         config = default_config.get_config()
-        tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 3))
+        tx = create_optimizer(config, create_learning_rate_schedule(config, 3))
         params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
         opt_state = tx.init(params)
         update = jax.jit(tx.update)
         for _ in range(3):
             _, opt_state = update(jax.tree.map(jnp.ones_like, params), opt_state, params)
-        reset_fn = jax.jit(training.reset_adam_state)
+        reset_fn = jax.jit(reset_adam_state)
         reset = reset_fn(opt_state, jnp.array(True))
         kept = reset_fn(opt_state, jnp.array(False))
         chex.assert_trees_all_equal(kept, opt_state)
@@ -219,17 +240,17 @@ class LegacyCheckpointTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
         self.config = test_config.get_config()
-        self.schedule = training.create_learning_rate_schedule(self.config, 3)
-        tx = training.create_optimizer(self.config, self.schedule, flat=False)
-        state = training.create_train_state(jax.random.key(0), _TinyNet(), tx, (8, 8, 1))
-        self.legacy, _ = jax.jit(training.train_step)(state, _batch(), jax.random.key(1))
+        self.schedule = create_learning_rate_schedule(self.config, 3)
+        tx = create_optimizer(self.config, self.schedule, flat=False)
+        state = create_train_state(jax.random.key(0), _TinyNet(), tx, (8, 8, 1))
+        self.legacy, _ = jax.jit(train_step)(state, _batch(), jax.random.key(1))
         workdir = self.enter_context(tempfile.TemporaryDirectory())
         self.manager = checkpointing.create_manager(workdir)
         self.addCleanup(self.manager.close)
         checkpointing.save(self.manager, 1, self.legacy, {"epoch": 1})
 
     def test_restores_as_the_flat_state(self):
-        state, progress = training.restore_train_state(
+        state, progress = restore_train_state(
             self.manager, 1, _TinyNet(), self.config, self.schedule, (8, 8, 1)
         )
         self.assertEqual(progress, {"epoch": 1})
@@ -238,12 +259,12 @@ class LegacyCheckpointTest(absltest.TestCase):
         self.assertEqual(mu.shape, (sum(x.size for x in jax.tree.leaves(state.params)),))
         self.assertGreater(float(jnp.abs(mu).sum()), 0.0)
         chex.assert_trees_all_equal(
-            state.opt_state, training.flatten_opt_state(self.legacy.opt_state, state.params)
+            state.opt_state, flatten_opt_state(self.legacy.opt_state, state.params)
         )
         # It trains on with the flat optimizer, as the per-array one would have.
         batch, rng = _batch(seed=1), jax.random.key(2)
-        new, _ = jax.jit(training.train_step)(state, batch, rng)
-        old, _ = jax.jit(training.train_step)(self.legacy, batch, rng)
+        new, _ = jax.jit(train_step)(state, batch, rng)
+        old, _ = jax.jit(train_step)(self.legacy, batch, rng)
         chex.assert_trees_all_close(new.params, old.params, rtol=1e-5, atol=1e-7)
 
     def test_other_mismatches_keep_their_error(self):
@@ -253,15 +274,13 @@ class LegacyCheckpointTest(absltest.TestCase):
                 return nn.Dense(10)(jnp.mean(nn.Conv(5, (3, 3))(x), axis=(1, 2)))
 
         with self.assertRaisesRegex(ValueError, "do not match"):
-            training.restore_train_state(
-                self.manager, 1, Wider(), self.config, self.schedule, (8, 8, 1)
-            )
+            restore_train_state(self.manager, 1, Wider(), self.config, self.schedule, (8, 8, 1))
 
 
 class StepTest(parameterized.TestCase):
     def test_train_step_restarts_adam_every_epoch(self):
         state, batch, rng = _tiny_state(), _batch(), jax.random.key(1)
-        step = jax.jit(functools.partial(training.train_step, adam_reset_every_steps=2))
+        step = jax.jit(functools.partial(train_step, adam_reset_every_steps=2))
         for _ in range(3):  # Steps 0, 1, 2: Adam restarts before steps 0 and 2.
             state, _ = step(state, batch, rng)
         adam = state.opt_state[1]
@@ -280,8 +299,8 @@ class StepTest(parameterized.TestCase):
         self.assertEqual(float(metrics_a["count"]), 27.0)
 
         # Inference: a padded batch gives the sums of its real examples.
-        padded = training.eval_step(state_a, batch)
-        real = training.eval_step(state_a, {k: v[:27] for k, v in batch.items()})
+        padded = eval_step(state_a, batch)
+        real = eval_step(state_a, {k: v[:27] for k, v in batch.items()})
         chex.assert_trees_all_close(padded, real, rtol=1e-5)
 
     def test_padded_batch_makes_the_step_of_its_real_examples(self):
@@ -292,7 +311,7 @@ class StepTest(parameterized.TestCase):
             n=4, channels=(2, 2, 2, 2, 2, 2), g=2, s=2, order=2, kernel_size=3, dropout=0.0
         )
         tx = optax.sgd(0.1)  # (Adam would turn round-off in ~0 gradients into +-lr steps)
-        state = training.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+        state = create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
         real = _batch(5, seed=4)
 
         def padded(fill):
@@ -304,7 +323,7 @@ class StepTest(parameterized.TestCase):
 
         zeros = padded(np.zeros((3, 8, 8, 1)))
         noise = padded(np.random.default_rng(0).normal(size=(3, 8, 8, 1)) * 50)
-        step = jax.jit(training.train_step)
+        step = jax.jit(train_step)
         rng = jax.random.key(2)
         want, want_m = step(state, real, rng)
         got, got_m = step(state, zeros, rng)
@@ -335,21 +354,21 @@ class StepTest(parameterized.TestCase):
                 return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
         tx = optax.sgd(0.1)
-        state = training.create_train_state(jax.random.key(0), NoMask(), tx, (8, 8, 1))
+        state = create_train_state(jax.random.key(0), NoMask(), tx, (8, 8, 1))
         with self.assertWarnsRegex(UserWarning, "NoMask takes no `mask`"):
-            training.train_step(state, _batch(), jax.random.key(0))
+            train_step(state, _batch(), jax.random.key(0))
 
     def test_train_step_traces_once_over_epochs_with_padded_last_batch(self):
         @chex.assert_max_traces(n=1)
         def traced_train_step(state, batch, rng):
-            return training.train_step(state, batch, rng, augmentation="none")
+            return train_step(state, batch, rng, augmentation="none")
 
         step = jax.jit(traced_train_step, donate_argnums=(0,))
         data = _batch(70)
         state = jax.tree.map(jnp.copy, _tiny_state())  # Donated below.
         seen = []
         for epoch in range(2):
-            for batch in input_pipeline.epoch_batches(
+            for batch in pipeline.epoch_batches(
                 data["image"], data["label"], 32, shuffle=True, seed=0, epoch=epoch
             ):
                 state, metrics = step(state, batch, jax.random.key(0))
@@ -373,16 +392,14 @@ class StepTest(parameterized.TestCase):
         # the same step time) with XLA's LLVM IR fusion emitter (parallel.CPU_CODEGEN_OPTIONS:
         # a lower compile peak); other platforms keep XLA's defaults.
         self.assertEqual(
-            training.step_compiler_options("cpu"),
+            step_compiler_options("cpu"),
             {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False},
         )
-        self.assertEqual(training.step_compiler_options("gpu"), {})
-        self.assertEqual(
-            training.step_compiler_options(), training.step_compiler_options(jax.default_backend())
-        )
-        options = training.step_compiler_options("cpu")
+        self.assertEqual(step_compiler_options("gpu"), {})
+        self.assertEqual(step_compiler_options(), step_compiler_options(jax.default_backend()))
+        options = step_compiler_options("cpu")
         options["xla_backend_optimization_level"] = 3  # a copy: the module's stays put
-        self.assertEqual(training.CPU_STEP_COMPILER_OPTIONS["xla_backend_optimization_level"], 1)
+        self.assertEqual(CPU_STEP_COMPILER_OPTIONS["xla_backend_optimization_level"], 1)
 
     def test_non_finite_flag(self):
         batch = _batch()
@@ -414,8 +431,8 @@ class ConfigErrorTest(parameterized.TestCase):
         target, _, leaf = key.rpartition(".")
         (config.model if target else config)[leaf] = value
         workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "run")
-        with self.assertRaisesRegex(training.ConfigError, named):
-            training.train_and_evaluate(config, workdir)
+        with self.assertRaisesRegex(ConfigError, named):
+            train_and_evaluate(config, workdir)
         self.assertFalse(os.path.exists(workdir))
 
     @parameterized.named_parameters(
@@ -458,8 +475,8 @@ class ConfigErrorTest(parameterized.TestCase):
         config = test_config.get_config()
         checkpointing.check_and_save_config(config, workdir)
         manager = checkpointing.create_manager(workdir)
-        state = training.create_train_state(
-            jax.random.key(0), training.create_model(config), optax.sgd(0.1), (28, 28, 1)
+        state = create_train_state(
+            jax.random.key(0), create_model(config), optax.sgd(0.1), (28, 28, 1)
         )
         checkpointing.save(manager, 3, state, {})
         manager.close()
@@ -516,15 +533,13 @@ class EndToEndTest(parameterized.TestCase):
         cls.root = tempfile.mkdtemp(prefix="training_test_")
         # Straight: 2 epochs. Resumed: 1 epoch, then the same command extended to 2.
         cls.straight_dir = os.path.join(cls.root, "straight")
-        cls.straight = training.train_and_evaluate(_tiny_run_config(), cls.straight_dir)
+        cls.straight = train_and_evaluate(_tiny_run_config(), cls.straight_dir)
         cls.resumed_dir = os.path.join(cls.root, "resumed")
-        cls.first_half = training.train_and_evaluate(
-            _tiny_run_config(num_epochs=1), cls.resumed_dir
-        )
+        cls.first_half = train_and_evaluate(_tiny_run_config(num_epochs=1), cls.resumed_dir)
         cls.one_epoch = _latest_params(cls.resumed_dir)
         cls.one_epoch_dir = os.path.join(cls.root, "one_epoch")
         shutil.copytree(cls.resumed_dir, cls.one_epoch_dir)
-        cls.resumed = training.train_and_evaluate(_tiny_run_config(), cls.resumed_dir)
+        cls.resumed = train_and_evaluate(_tiny_run_config(), cls.resumed_dir)
 
     @classmethod
     def tearDownClass(cls):
@@ -540,13 +555,13 @@ class EndToEndTest(parameterized.TestCase):
         self.assertIn(result["best_epoch"], (1, 2))
         self.assertTrue(np.isfinite(result["train_loss"]))
         self.assertRegex(
-            training.summary_line(result),
+            summary_line(result),
             r"test accuracy: \d\.\d{4} \(last epoch\) \| best \d\.\d{4} at epoch \d "
             r"\(selected on the test set",
         )
-        for name in ("config.json", training.METRICS_FILE, training.CURVES_FILE):
+        for name in ("config.json", METRICS_FILE, CURVES_FILE):
             self.assertTrue(os.path.exists(os.path.join(self.straight_dir, name)), name)
-        with open(os.path.join(self.straight_dir, training.METRICS_FILE)) as f:
+        with open(os.path.join(self.straight_dir, METRICS_FILE)) as f:
             records = [json.loads(line) for line in f]
         epochs = [r for r in records if r["kind"] == "epoch"]
         self.assertEqual([r["epoch"] for r in epochs], [1, 2])
@@ -570,7 +585,7 @@ class EndToEndTest(parameterized.TestCase):
     def test_rerunning_a_finished_run_changes_nothing(self):
         workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "copy")
         shutil.copytree(self.straight_dir, workdir)
-        result = training.train_and_evaluate(_tiny_run_config(), workdir)
+        result = train_and_evaluate(_tiny_run_config(), workdir)
         self.assertEqual(result["step"], 6)
         self.assertEqual(result["test_accuracy"], self.straight["test_accuracy"])
         chex.assert_trees_all_equal(_latest_params(workdir), _latest_params(self.straight_dir))
@@ -580,13 +595,13 @@ class EndToEndTest(parameterized.TestCase):
         shutil.copytree(self.straight_dir, workdir)
         before = {
             name: open(os.path.join(workdir, name), "rb").read()
-            for name in ("config.json", training.METRICS_FILE)
+            for name in ("config.json", METRICS_FILE)
         }
         steps = checkpointing.all_steps(workdir)
         config = _tiny_run_config(learning_rate=0.1)
         config.model.n = 8
         with self.assertRaisesRegex(checkpointing.IncompatibleWorkdirError, "learning_rate") as e:
-            training.train_and_evaluate(config, workdir)
+            train_and_evaluate(config, workdir)
         self.assertIn("model.n: 4 in the workdir, 8 requested", str(e.exception))
         for name, content in before.items():
             self.assertEqual(open(os.path.join(workdir, name), "rb").read(), content)
@@ -596,21 +611,20 @@ class EndToEndTest(parameterized.TestCase):
         workdir = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "nan")
         shutil.copytree(self.one_epoch_dir, workdir)
         config = _tiny_run_config()
-        images, labels = training.load_split(config, "train", config.num_train_examples)
+        images, labels = load_split(config, "train", config.num_train_examples)
         images = images.copy()
         images[17] = np.nan  # Seen in epoch 2 at position p of its permutation:
         position = int(np.argmax(np.random.default_rng((config.seed, 1)).permutation(80) == 17))
         step = 3 + position // config.batch_size + 1
-        load_split = training.load_split
 
         def poisoned(config, split, limit):
             return (images, labels) if split == "train" else load_split(config, split, limit)
 
-        with mock.patch.object(training, "load_split", poisoned):
+        with mock.patch("neural_epdo_jax.train.loop.load_split", poisoned):
             with self.assertRaisesRegex(
-                training.NonFiniteLossError, rf"at step {step} \(epoch 2, batch {step - 3}/3"
+                NonFiniteLossError, rf"at step {step} \(epoch 2, batch {step - 3}/3"
             ):
-                training.train_and_evaluate(config, workdir)
+                train_and_evaluate(config, workdir)
         self.assertEqual(checkpointing.all_steps(workdir), [3])
         chex.assert_trees_all_equal(_latest_params(workdir), self.one_epoch)
 
@@ -625,7 +639,7 @@ class EndToEndTest(parameterized.TestCase):
             with open(os.path.join(data, name), "r+b") as f:
                 f.truncate(os.path.getsize(os.path.join(data, name)) // 2)
         with self.assertLogs("absl", level="WARNING") as logs:
-            result = training.train_and_evaluate(_tiny_run_config(), workdir)
+            result = train_and_evaluate(_tiny_run_config(), workdir)
         moved = os.path.join(workdir, checkpointing.UNREADABLE_DIR, "6")
         (warning,) = [line for line in logs.output if "cannot be read" in line]
         self.assertIn("checkpoint step 6 cannot be read (ValueError: ", warning)
@@ -641,14 +655,14 @@ class EndToEndTest(parameterized.TestCase):
             os.remove(os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state", "_METADATA"))  # fmt: skip
         steps = checkpointing.all_steps(workdir)
         with self.assertRaisesRegex(checkpointing.UnreadableWorkdirError, "state/_METADATA is missing"):  # fmt: skip
-            training.train_and_evaluate(_tiny_run_config(), workdir)
+            train_and_evaluate(_tiny_run_config(), workdir)
         self.assertEqual(checkpointing.all_steps(workdir), steps)
 
     def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(self):
         epochs, root = 5, self.enter_context(tempfile.TemporaryDirectory())
         reference_dir = os.path.join(root, "reference")
         shutil.copytree(self.straight_dir, reference_dir)
-        training.train_and_evaluate(_tiny_run_config(num_epochs=epochs), reference_dir)
+        train_and_evaluate(_tiny_run_config(num_epochs=epochs), reference_dir)
 
         workdir = os.path.join(root, "interrupted")
         command = _train_command(workdir, f"--config.num_epochs={epochs}")
@@ -684,10 +698,10 @@ class EndToEndTest(parameterized.TestCase):
         killed_at = _max_logged_step(workdir)
         self.assertGreaterEqual(max(checkpointing.all_steps(workdir)), killed_at - 2 * 3)
 
-        result = training.train_and_evaluate(_tiny_run_config(num_epochs=epochs), workdir)
+        result = train_and_evaluate(_tiny_run_config(num_epochs=epochs), workdir)
         self.assertEqual(result["step"], 3 * epochs)
         chex.assert_trees_all_equal(_latest_params(workdir), _latest_params(reference_dir))
-        with open(os.path.join(workdir, training.METRICS_FILE)) as f:
+        with open(os.path.join(workdir, METRICS_FILE)) as f:
             records = [json.loads(line) for line in f]
         epochs_logged = [r["epoch"] for r in records if r["kind"] == "epoch"]
         self.assertEqual(epochs_logged, list(range(1, epochs + 1)))
@@ -730,33 +744,31 @@ class EndToEndTest(parameterized.TestCase):
 
     def test_use_compilation_cache(self):
         current = jax.config.jax_compilation_cache_dir
-        self.assertEqual(training.use_compilation_cache("/elsewhere"), current)  # set: kept
+        self.assertEqual(use_compilation_cache("/elsewhere"), current)  # set: kept
         try:
             jax.config.update("jax_compilation_cache_dir", None)
-            self.assertIsNone(training.use_compilation_cache(""))
+            self.assertIsNone(use_compilation_cache(""))
             self.assertIsNone(jax.config.jax_compilation_cache_dir)
-            default = training.default_compilation_cache_dir()
-            self.assertEqual(training.use_compilation_cache(None), default)
+            default = default_compilation_cache_dir()
+            self.assertEqual(use_compilation_cache(None), default)
             jax.config.update("jax_compilation_cache_dir", None)
-            self.assertEqual(training.use_compilation_cache("~/x"), os.path.expanduser("~/x"))
+            self.assertEqual(use_compilation_cache("~/x"), os.path.expanduser("~/x"))
         finally:
             jax.config.update("jax_compilation_cache_dir", current)
 
     def test_bfloat16_activations_stay_close_to_float32(self):
         config = _tiny_run_config()
-        images, labels = training.load_split(config, "train", config.batch_size)
+        images, labels = load_split(config, "train", config.batch_size)
         batch = {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
         losses = {}
         for dtype in ("float32", "bfloat16"):
             config.dtype = dtype
-            model = training.create_model(config)
-            tx = training.create_optimizer(
-                config, training.create_learning_rate_schedule(config, 3)
-            )
-            state = training.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+            model = create_model(config)
+            tx = create_optimizer(config, create_learning_rate_schedule(config, 3))
+            state = create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
             # Committed as in training: float32 reuses the end-to-end runs' compiled step.
             state = jax.device_put(state, jax.local_devices()[0])
-            train_fn, _ = training.jit_steps(config, 3, None)
+            train_fn, _ = jit_steps(config, 3, None)
             new_state, metrics = train_fn(state, batch, jax.random.key(1))
             self.assertTrue(bool(metrics["finite"]))
             chex.assert_trees_all_equal_dtypes(new_state.params, state.params)  # float32

@@ -15,9 +15,17 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import test as test_config
-from neural_epdo_jax import checkpointing, evaluate, export, report, training
+from neural_epdo_jax.tools import evaluate, export, report
+from neural_epdo_jax.train import checkpointing
+from neural_epdo_jax.train.loop import load_split
+from neural_epdo_jax.train.state import (
+    abstract_train_state,
+    create_learning_rate_schedule,
+    create_model,
+    create_optimizer,
+)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
 if jax.config.jax_compilation_cache_dir is None:
@@ -45,9 +53,9 @@ def make_workdir(workdir):
     with random coefficients and BatchNorm statistics calibrated on test images (what
     training converges to), built without compiling a train step."""
     config = tiny_config()
-    model = training.create_model(config)
-    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 3))
-    abstract = training.abstract_train_state(model, tx, (28, 28, 1))
+    model = create_model(config)
+    tx = create_optimizer(config, create_learning_rate_schedule(config, 3))
+    abstract = abstract_train_state(model, tx, (28, 28, 1))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     params = jax.tree.map(
@@ -58,7 +66,7 @@ def make_workdir(workdir):
         name: {"mean": np.zeros_like(bn["mean"]), "var": np.ones_like(bn["var"])}
         for name, bn in state.batch_stats.items()
     }
-    images, _ = training.load_split(config, config.test_split, 16)
+    images, _ = load_split(config, config.test_split, 16)
 
     @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def batch_statistics(params, old, x):
@@ -152,7 +160,7 @@ class ReportTest(absltest.TestCase):
         path = os.path.join(self.root, "model.jax")
         frozen = export.export_checkpoint(self.workdir, path)
         self.assertIn("step 6", frozen.source)
-        x, _ = training.load_split(tiny_config(), "test", 3)
+        x, _ = load_split(tiny_config(), "test", 3)
         np.testing.assert_allclose(export.load(path)(x), frozen(x), rtol=1e-5, atol=1e-6)
         with self.assertRaises(checkpointing.NoCheckpointError):
             export.export_checkpoint(os.path.join(self.root, "missing"), path)
@@ -169,7 +177,7 @@ class ReportTest(absltest.TestCase):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env["JAX_PLATFORMS"] = "cpu"
         result = subprocess.run(
-            [sys.executable, "-m", "neural_epdo_jax.report", f"--workdir={empty}"],
+            [sys.executable, "-m", "neural_epdo_jax.tools.report", f"--workdir={empty}"],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -211,7 +219,7 @@ class ReportTest(absltest.TestCase):
                 [
                     sys.executable,
                     "-m",
-                    "neural_epdo_jax.export",
+                    "neural_epdo_jax.tools.export",
                     f"--workdir={workdir}",
                     f"--output={output}",
                 ],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import parallel
+from neural_epdo_jax.runtime import parallel
 
 METHODS: tuple[str, ...] = ("reference", "bilinear", "none")
 

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from neural_epdo_jax import export, models, testing
+from neural_epdo_jax import models, testing
 from neural_epdo_jax.core import fields, groups
+from neural_epdo_jax.tools import export
 
 # Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
 if jax.config.jax_compilation_cache_dir is None:

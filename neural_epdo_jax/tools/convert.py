@@ -1,6 +1,6 @@
 """Weights of the official PyTorch implementation in our networks, and back.
 
-  python -m neural_epdo_jax.convert --reference=model.npz \\
+  python -m neural_epdo_jax.tools.convert --reference=model.npz \\
       --config=configs/mnist_rot_regular_gauss.py --workdir=runs/imported
 
 reads a PyTorch ``state_dict`` of the official ``pdo_net`` saved as ``.npz`` (see the README
@@ -419,9 +419,11 @@ def import_reference(
     Raises:
       ConversionError: a missing or misshapen entry, or a kernel outside our span (named).
     """
-    from neural_epdo_jax import training  # config -> model; imported here, not at the top
+    from neural_epdo_jax.train.state import (
+        create_model,  # config -> model; imported here, not at the top
+    )
 
-    model = training.create_model(config)
+    model = create_model(config)
     mapping = plan(model, reverse)
     abstract = _abstract_variables(model)
     shape = lambda path: tuple(_leaf(abstract["params"], path).shape)
@@ -568,15 +570,20 @@ def write_workdir(
     Raises:
       ConversionError: ``workdir`` already holds checkpoints (nothing is overwritten).
     """
-    from neural_epdo_jax import checkpointing, training
+    from neural_epdo_jax.train import checkpointing
+    from neural_epdo_jax.train.state import (
+        create_learning_rate_schedule,
+        create_optimizer,
+        state_from_variables,
+    )
 
     if checkpointing.all_steps(workdir):
         raise ConversionError(
             f"{workdir} already holds checkpoints; choose a new --workdir (nothing was written)."
         )
     checkpointing.check_and_save_config(config, workdir)
-    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 1))
-    state = training.state_from_variables(model, tx, dict(variables))
+    tx = create_optimizer(config, create_learning_rate_schedule(config, 1))
+    state = state_from_variables(model, tx, dict(variables))
     manager = checkpointing.create_manager(workdir)
     try:
         checkpointing.save(manager, 0, state, {})
@@ -589,7 +596,9 @@ def main(argv: list[str]) -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from neural_epdo_jax import checkpointing, evaluate, training
+    from neural_epdo_jax.tools import evaluate
+    from neural_epdo_jax.train import checkpointing
+    from neural_epdo_jax.train.state import ConfigError, create_model
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -601,7 +610,7 @@ def main(argv: list[str]) -> None:
             if not values.output:
                 raise ConversionError("--direction=to_reference needs --output=FILE.npz.")
             config, state, step, which = evaluate.load_state(values.workdir, values.checkpoint)
-            model = training.create_model(config)
+            model = create_model(config)
             sd = to_reference(model, {"params": state.params, "batch_stats": state.batch_stats})
             np.savez(values.output, **sd)
             print(
@@ -618,13 +627,13 @@ def main(argv: list[str]) -> None:
             load_state_dict(values.reference), config, max_residual=values.max_residual
         )
         write_workdir(imported.model, imported.variables, config, values.workdir)
-    except (ConversionError, training.ConfigError, checkpointing.NoCheckpointError) as e:
+    except (ConversionError, ConfigError, checkpointing.NoCheckpointError) as e:
         raise SystemExit(f"convert: error: {e}") from None
     worst = max(imported.residuals, key=imported.residuals.get)
     print(
         f"wrote {values.workdir}: {len(imported.residuals)} convolutions projected onto our "
         f"bases, largest relative residual {imported.residuals[worst]:.1e} ({worst}). "
-        f"Evaluate: python -m neural_epdo_jax.evaluate --workdir={values.workdir} "
+        f"Evaluate: python -m neural_epdo_jax.tools.evaluate --workdir={values.workdir} "
         "--checkpoint=latest"
     )
 

@@ -1,6 +1,6 @@
 """Evaluates a training workdir: test accuracy and a rotation-robustness sweep.
 
-  python -m neural_epdo_jax.evaluate --workdir=runs/default [--checkpoint=latest]
+  python -m neural_epdo_jax.tools.evaluate --workdir=runs/default [--checkpoint=latest]
   python train.py --mode=eval --workdir=runs/default          # the same, best checkpoint
 
 Loads the workdir's config and its best (by test accuracy, selected on the test set as the
@@ -22,7 +22,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from neural_epdo_jax import augment, checkpointing, input_pipeline, parallel, training
+from neural_epdo_jax.data import augment, pipeline
+from neural_epdo_jax.runtime import parallel
+from neural_epdo_jax.runtime.host import use_compilation_cache
+from neural_epdo_jax.train import checkpointing
+from neural_epdo_jax.train.loop import load_split
+from neural_epdo_jax.train.state import (
+    TrainState,
+    create_learning_rate_schedule,
+    create_model,
+    restore_train_state,
+)
+from neural_epdo_jax.train.steps import eval_step, evaluate, jit_data_parallel, replicated
 
 SWEEP_JSON = "rotation_sweep.json"
 SWEEP_PNG = "rotation_sweep.png"
@@ -31,7 +42,7 @@ CHECKPOINTS = ("best", "latest")
 
 def load_state(
     workdir: str, checkpoint: str = "best", image_shape: tuple[int, ...] = (28, 28, 1)
-) -> tuple[ml_collections.ConfigDict, training.TrainState, int, str]:
+) -> tuple[ml_collections.ConfigDict, TrainState, int, str]:
     """The workdir's config and the state of its best or latest checkpoint.
 
     Returns:
@@ -53,8 +64,8 @@ def load_state(
             f"python train.py --workdir={workdir} [--config=...]"
         )
     config = checkpointing.load_config(workdir)
-    model = training.create_model(config)
-    schedule = training.create_learning_rate_schedule(config, 1)
+    model = create_model(config)
+    schedule = create_learning_rate_schedule(config, 1)
     manager = checkpointing.create_manager(workdir, read_only=True)
     try:
         newest_first = sorted(manager.all_steps(), reverse=True)
@@ -67,9 +78,7 @@ def load_state(
         step, (state, _), unreadable = checkpointing.restore_newest_readable(
             manager,
             newest_first,
-            lambda s: training.restore_train_state(
-                manager, s, model, config, schedule, tuple(image_shape)
-            ),
+            lambda s: restore_train_state(manager, s, model, config, schedule, tuple(image_shape)),
         )
         for bad, reason in unreadable:
             which = "latest readable"
@@ -88,7 +97,7 @@ def sweep_angles(angle_step_degrees: float) -> np.ndarray:
 
 
 def rotation_sweep(
-    state: training.TrainState,
+    state: TrainState,
     images: np.ndarray,
     labels: np.ndarray,
     angles_degrees: np.ndarray,
@@ -102,16 +111,16 @@ def rotation_sweep(
     def rotated_eval_step(state, batch, angle_degrees, axis_name=None):
         angles = jnp.full(batch["image"].shape[:1], jnp.deg2rad(angle_degrees))  # [B]
         images = augment.rotate(batch["image"], angles, order=1)
-        return training.eval_step(state, dict(batch, image=images), axis_name=axis_name)
+        return eval_step(state, dict(batch, image=images), axis_name=axis_name)
 
-    eval_fn = training.jit_data_parallel(rotated_eval_step, sharding)
+    eval_fn = jit_data_parallel(rotated_eval_step, sharding)
     accuracies = []
     for angle in angles_degrees:
-        batches = input_pipeline.epoch_batches(
+        batches = pipeline.epoch_batches(
             images, labels, batch_size, shuffle=False, sharding=sharding
         )
         angle = np.float32(angle)
-        metrics = training.evaluate(lambda s, b, a=angle: eval_fn(s, b, a), state, batches)
+        metrics = evaluate(lambda s, b, a=angle: eval_fn(s, b, a), state, batches)
         accuracies.append(metrics["accuracy"])
     return accuracies
 
@@ -145,17 +154,17 @@ def run(
     angles = sweep_angles(angle_step_degrees)
     config, state, step, which = load_state(workdir, checkpoint)
     limit = config.num_test_examples if num_test_examples is None else num_test_examples
-    images, labels = training.load_split(config, config.test_split, limit)
+    images, labels = load_split(config, config.test_split, limit)
     batch_size = config.eval_batch_size
-    sharding = input_pipeline.data_mesh_sharding((batch_size,))
+    sharding = pipeline.data_mesh_sharding((batch_size,))
     if sharding is not None:
-        state = jax.device_put(state, training.replicated(sharding))
+        state = jax.device_put(state, replicated(sharding))
 
-    eval_fn = training.jit_data_parallel(training.eval_step, sharding)
-    test = training.evaluate(
+    eval_fn = jit_data_parallel(eval_step, sharding)
+    test = evaluate(
         eval_fn,
         state,
-        input_pipeline.epoch_batches(images, labels, batch_size, shuffle=False, sharding=sharding),
+        pipeline.epoch_batches(images, labels, batch_size, shuffle=False, sharding=sharding),
     )
     print(
         f"{workdir}: {which} checkpoint (step {step}): test accuracy {test['accuracy']:.4f} "
@@ -205,7 +214,7 @@ def main(argv: list[str]) -> None:
     if not values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     parallel.use_cpu_cores(values.cpu_devices)  # before JAX starts
-    training.use_compilation_cache(values.compilation_cache_dir)
+    use_compilation_cache(values.compilation_cache_dir)
     try:
         run(
             values.workdir,
@@ -220,7 +229,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    from neural_epdo_jax import hostmem
+    from neural_epdo_jax.runtime import hostmem
 
     hostmem.reexec_with_huge_pages()  # as train.py
 

@@ -8,9 +8,10 @@ import os
 import ml_collections
 from absl.testing import absltest, parameterized
 
-from neural_epdo_jax import checkpointing, training
+from neural_epdo_jax.train import checkpointing
+from neural_epdo_jax.train.state import validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_NAMES = sorted(
     os.path.splitext(os.path.basename(p))[0]
     for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -90,7 +91,7 @@ class ConfigsTest(parameterized.TestCase):
     @parameterized.named_parameters(*NAMED_CONFIGS)
     def test_loads_validates_and_builds_model(self, name):
         config = load(name)
-        model = training.validate_config(config)  # Constructs the model: its own checks run.
+        model = validate_config(config)  # Constructs the model: its own checks run.
         self.assertEqual(type(model).__name__, config.model_name)
         self.assertEqual(model.dtype, config.dtype)
         for key, value in config.model.items():
@@ -137,7 +138,7 @@ class ConfigsTest(parameterized.TestCase):
         config = load("default")
         self.assertIsNone(config.model.chunk)  # unset: the model picks per backend
         config.model.chunk, config.model.eval_chunk, config.model.impl = 2, 0, "dense"
-        model = training.validate_config(config)
+        model = validate_config(config)
         self.assertEqual((model.chunk, model.eval_chunk, model.impl), (2, 0, "dense"))
         with self.assertRaises(TypeError):  # typed: --config.model.chunk=abc is refused
             config.model.chunk = "abc"

@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neural_epdo_jax import layers, models, parallel
+from neural_epdo_jax import layers, models
 from neural_epdo_jax.core import bases, fields, groups
 from neural_epdo_jax.layers.norm import BATCH_NORM_EPS, GROUP_NORM_EPS
+from neural_epdo_jax.runtime import parallel
 
 Arrays = tuple[dict[str, jax.Array], ...]
 
@@ -536,10 +537,11 @@ def export_checkpoint(
       checkpointing.NoCheckpointError: no config.json or no checkpoint in ``workdir``.
       FreezeError: the config's model is not a `models.NeuralEPDONet`.
     """
-    from neural_epdo_jax import evaluate, training  # the training stack, only when needed
+    from neural_epdo_jax.tools import evaluate
+    from neural_epdo_jax.train.state import create_model  # the training stack, only when needed
 
     config, state, step, which = evaluate.load_state(workdir, checkpoint)
-    model = training.create_model(config)
+    model = create_model(config)
     frozen = freeze(model, {"params": state.params, "batch_stats": state.batch_stats})
     frozen = dataclasses.replace(
         frozen, source=f"{frozen.source} [{workdir}: {which}, step {step}]"
@@ -549,10 +551,11 @@ def export_checkpoint(
 
 
 def main(argv: list[str]) -> None:
-    """Command-line entry point: ``python -m neural_epdo_jax.export --workdir=DIR --output=F``."""
+    """Command-line entry point:
+    ``python -m neural_epdo_jax.tools.export --workdir=DIR --output=F``."""
     from absl import app, flags, logging
 
-    from neural_epdo_jax import checkpointing
+    from neural_epdo_jax.train import checkpointing
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

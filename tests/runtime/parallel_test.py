@@ -1,4 +1,4 @@
-"""Tests for neural_epdo_jax.parallel and the data-parallel steps (`training.jit_data_parallel`).
+"""Tests for runtime.parallel and the data-parallel steps (`train.steps.jit_data_parallel`).
 
 The two-device checks run in a subprocess: JAX fixes its CPU devices when it starts, and the
 test process has one.
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from neural_epdo_jax import parallel
+from neural_epdo_jax.runtime import parallel
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if jax.config.jax_compilation_cache_dir is None:
     jax.config.update(
@@ -29,14 +29,16 @@ if jax.config.jax_compilation_cache_dir is None:
 _TWO_DEVICES = r"""
 import sys
 sys.path.insert(0, {repo!r})
-from neural_epdo_jax import parallel
+from neural_epdo_jax.runtime import parallel
 assert parallel.use_cpu_cores(2) == 2
 import jax, jax.numpy as jnp, numpy as np, optax
 from configs import test as test_config
-from neural_epdo_jax import input_pipeline, training
+from neural_epdo_jax.train.state import create_model, create_train_state
+from neural_epdo_jax.train.steps import eval_step, jit_data_parallel, replicated, train_step
+from neural_epdo_jax.data import pipeline
 
 config = test_config.get_config()
-sharding = input_pipeline.data_mesh_sharding((8,))
+sharding = pipeline.data_mesh_sharding((8,))
 assert sharding is not None and sharding.mesh.size == 2, sharding
 rng = np.random.default_rng(0)
 batch = {{
@@ -46,14 +48,14 @@ batch = {{
 }}
 
 def step(state, batch, rng, axis_name=None):
-    return training.train_step(state, batch, rng, augmentation="bilinear", axis_name=axis_name)
+    return train_step(state, batch, rng, augmentation="bilinear", axis_name=axis_name)
 
 def run(shard, axis_name):
-    model = training.create_model(config, axis_name=axis_name)
-    state = training.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
+    model = create_model(config, axis_name=axis_name)
+    state = create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
     b = batch if shard is None else jax.device_put(batch, shard)
-    new, metrics = training.jit_data_parallel(step, shard)(state, b, jax.random.key(1))
-    sums = training.jit_data_parallel(training.eval_step, shard)(new, b)
+    new, metrics = jit_data_parallel(step, shard)(state, b, jax.random.key(1))
+    sums = jit_data_parallel(eval_step, shard)(new, b)
     update = jax.tree.map(jnp.subtract, new.params, state.params)
     return update, new.batch_stats, metrics, sums
 
@@ -79,21 +81,21 @@ except ValueError as e:
 # No retracing: one trace of the data-parallel step over an epoch whose last batch is padded.
 import chex
 counted = chex.assert_max_traces(step, n=1)
-model = training.create_model(config, axis_name="data")
-state = training.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
-state = jax.device_put(state, training.replicated(sharding))
-train_fn = training.jit_data_parallel(counted, sharding, donate_state=True)
+model = create_model(config, axis_name="data")
+state = create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
+state = jax.device_put(state, replicated(sharding))
+train_fn = jit_data_parallel(counted, sharding, donate_state=True)
 images = rng.random((20, 28, 28, 1), dtype=np.float32)
 labels = rng.integers(0, 10, 20).astype(np.int32)
-epoch = list(input_pipeline.epoch_batches(images, labels, 8, shuffle=True, sharding=sharding))
+epoch = list(pipeline.epoch_batches(images, labels, 8, shuffle=True, sharding=sharding))
 for b in epoch:
     state, metrics = train_fn(state, b, jax.random.key(1))
 print("steps", len(epoch), float(metrics["count"]))
 # Control: the step run per device without the axis (statistics and draws per device).
-model = training.create_model(config)
-state = training.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
+model = create_model(config)
+state = create_train_state(jax.random.key(0), model, optax.sgd(0.1), (28, 28, 1))
 per_device = jax.jit(jax.shard_map(
-    lambda s, b, r: training.train_step(s, b, r, augmentation="bilinear") [1]["loss"][None],
+    lambda s, b, r: train_step(s, b, r, augmentation="bilinear") [1]["loss"][None],
     mesh=sharding.mesh, in_specs=(jax.P(), jax.P("data"), jax.P()), out_specs=jax.P("data"),
     check_vma=False))
 loss = float(jnp.sum(per_device(state, jax.device_put(batch, sharding), jax.random.key(1))))
