@@ -2,7 +2,10 @@
 
 The protocol (optimizer, schedule, augmentation) is in docs/design.md, "Training protocol".
 
-``train_and_evaluate(config, workdir)`` trains, evaluates, checkpoints and resumes.
+``train_and_evaluate(config, workdir)`` trains, evaluates, checkpoints and resumes, as a
+loop of named steps sharing one `Run`: `start_run` (data, state, jitted steps), then per
+epoch `run_epoch` (`train_one_step`, `consume_step`) and `end_epoch` (evaluation, record,
+checkpoint), `save_interrupted` on a stop, and `finish_run` (curves, the result).
 Determinism: the data order is a pure function of ``(seed, epoch)`` and every step's random
 numbers (augmentation, dropout) of ``(seed, step)``, so a run interrupted at any point
 (SIGINT/SIGTERM: the current step finishes and is saved; ``kill -9``: the unfinished epoch is
@@ -34,17 +37,20 @@ next to the last-epoch accuracy, never instead of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
@@ -63,6 +69,7 @@ from neural_epdo_jax.train.metrics import (
 )
 from neural_epdo_jax.train.state import (
     ConfigError,
+    TrainState,
     create_learning_rate_schedule,
     create_model,
     create_optimizer,
@@ -235,258 +242,348 @@ def _restore_newest_readable(manager, workdir, restore):
     return manager, step, restored
 
 
+@dataclasses.dataclass
+class Run:
+    """What the steps of one `train_and_evaluate` call share: data, state, records, timing."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    sharding: jax.sharding.NamedSharding | None
+    train_data: tuple[np.ndarray, np.ndarray]
+    test_data: tuple[np.ndarray, np.ndarray]
+    steps_per_epoch: int
+    schedule: optax.Schedule
+    manager: Any
+    state: TrainState
+    progress: dict[str, Any]
+    step: int
+    train_fn: Callable
+    eval_fn: Callable
+    train_rng: jax.Array
+    records: list[dict[str, Any]]
+    writer: MetricsWriter
+    num_params: int
+    stop_rows: slice  # this process's rows of a training batch
+    best: dict[str, Any] | None = None
+    epoch_record: dict[str, Any] | None = None
+    # (images, seconds) per epoch, not counting this process's first step.
+    throughput: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    timing_start: float | None = None  # set after the first (compiling) step
+    timing_images: int = 0
+    stop: _StopRequest | None = None
+    # Whether to stop (a signal): agreed by all processes at the same step (`_any_process` at
+    # epoch ends, the step's ``stop`` metric in between), so that they save the same step.
+    stop_agreed: bool = False
+    interrupted: bool = False
+
+    @property
+    def multiprocess(self) -> bool:
+        return jax.process_count() > 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.num_epochs
+
+
 def _train_and_evaluate(config, workdir, model, sharding, num_shards, wall_start):
     checkpointing.check_and_save_config(config, workdir)
+    run = start_run(config, workdir, model, sharding, num_shards)
+    try:
+        with _StopRequest() as run.stop:
+            for epoch in range(run.step // run.steps_per_epoch, config.num_epochs):
+                sums = run_epoch(run, epoch)
+                if run.step < (epoch + 1) * run.steps_per_epoch and _stopping(run):
+                    save_interrupted(run, {"epoch_sums": sums})
+                    break
+                end_epoch(run, epoch, sums)
+                if _stopping(run):
+                    save_interrupted(run, {})
+                    break
+    finally:
+        run.manager.close()
+    return finish_run(run, wall_start)
 
-    # Data.
-    train_images, train_labels = load_split(config, config.train_split, config.num_train_examples)
-    test_images, test_labels = load_split(config, config.test_split, config.num_test_examples)
-    steps_per_epoch = pipeline.num_batches(len(train_images), config.batch_size)
-    total_steps = steps_per_epoch * config.num_epochs
+
+def start_run(config, workdir, model, sharding, num_shards) -> Run:
+    """Loads the data, restores the latest checkpoint (or initialises), jits the steps."""
+    train_data = load_split(config, config.train_split, config.num_train_examples)
+    test_data = load_split(config, config.test_split, config.num_test_examples)
+    steps_per_epoch = pipeline.num_batches(len(train_data[0]), config.batch_size)
     _log(
-        f"{config.dataset}: {len(train_images)} training / {len(test_images)} test images, "
+        f"{config.dataset}: {len(train_data[0])} training / {len(test_data[0])} test images, "
         f"{steps_per_epoch} steps per epoch, {config.num_epochs} epochs, "
         f"{num_shards} device(s) ({jax.devices()[0].platform})"
     )
-
-    # State: the latest checkpoint, or a fresh one.
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
-    tx = create_optimizer(config, schedule)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    image_shape = train_images.shape[1:]
-    manager = checkpointing.create_manager(workdir)
-    if manager.latest_step() is None:
-        state = create_train_state(init_rng, model, tx, image_shape)
-        # Committed like a restored state, so that fresh and resumed runs share one program.
-        state = jax.device_put(state, state_sharding(sharding))
-        progress = {}
-        step = 0
-    else:
-        manager, _, (state, progress) = _restore_newest_readable(
-            manager,
-            workdir,
-            lambda s: restore_train_state(
-                manager, s, model, config, schedule, image_shape, state_sharding(sharding)
-            ),
-        )
-        step = int(jax.device_get(state.step))
-        if progress.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            raise checkpointing.IncompatibleWorkdirError(
-                f"{workdir}: the checkpoint has {progress['steps_per_epoch']} steps per epoch, "
-                f"this config {steps_per_epoch}; the dataset changed. Use another --workdir."
-            )
-        _log(f"resumed from {manager.directory} at step {step} (epoch {step / steps_per_epoch:g})")
-        if step >= config.num_epochs * steps_per_epoch:
-            _log(
-                f"the checkpoint is at or past num_epochs={config.num_epochs}: nothing to train, "
-                "reporting its results (raise --config.num_epochs to continue, or use another "
-                "--workdir to start afresh)"
-            )
+    manager, state, progress, step = _initial_state(
+        config,
+        workdir,
+        model,
+        schedule,
+        init_rng,
+        train_data[0].shape[1:],
+        sharding,
+        steps_per_epoch,
+    )
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f"{config.model_name}: {num_params:,} trainable parameters")
 
     metrics_path = os.path.join(workdir, METRICS_FILE)
     records = read_metrics(metrics_path, step)
-    writer = MetricsWriter(metrics_path)
-    multiprocess = jax.process_count() > 1
-    train_fn, eval_fn = jit_steps(config, steps_per_epoch, sharding, stop_flag=multiprocess)
-    stop_rows = pipeline.local_rows(sharding, config.batch_size)
+    train_fn, eval_fn = jit_steps(
+        config, steps_per_epoch, sharding, stop_flag=jax.process_count() > 1
+    )
+    return Run(
+        config=config,
+        workdir=workdir,
+        sharding=sharding,
+        train_data=train_data,
+        test_data=test_data,
+        steps_per_epoch=steps_per_epoch,
+        schedule=schedule,
+        manager=manager,
+        state=state,
+        progress=progress,
+        step=step,
+        train_fn=train_fn,
+        eval_fn=eval_fn,
+        train_rng=train_rng,
+        records=records,
+        writer=MetricsWriter(metrics_path),
+        num_params=num_params,
+        stop_rows=pipeline.local_rows(sharding, config.batch_size),
+        best=best_epoch(records),
+        epoch_record=next((r for r in reversed(records) if r.get("kind") == "epoch"), None),
+    )
 
-    def test_batches():
-        return pipeline.epoch_batches(
-            test_images, test_labels, config.eval_batch_size, shuffle=False, sharding=sharding
+
+def _initial_state(
+    config, workdir, model, schedule, init_rng, image_shape, sharding, steps_per_epoch
+):
+    """(manager, state, progress, step): the newest readable checkpoint's, or a fresh state."""
+    tx = create_optimizer(config, schedule)
+    manager = checkpointing.create_manager(workdir)
+    if manager.latest_step() is None:
+        state = create_train_state(init_rng, model, tx, image_shape)
+        # Committed like a restored state, so that fresh and resumed runs share one program.
+        return manager, jax.device_put(state, state_sharding(sharding)), {}, 0
+    manager, _, (state, progress) = _restore_newest_readable(
+        manager,
+        workdir,
+        lambda s: restore_train_state(
+            manager, s, model, config, schedule, image_shape, state_sharding(sharding)
+        ),
+    )
+    step = int(jax.device_get(state.step))
+    if progress.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise checkpointing.IncompatibleWorkdirError(
+            f"{workdir}: the checkpoint has {progress['steps_per_epoch']} steps per epoch, "
+            f"this config {steps_per_epoch}; the dataset changed. Use another --workdir."
+        )
+    _log(f"resumed from {manager.directory} at step {step} (epoch {step / steps_per_epoch:g})")
+    if step >= config.num_epochs * steps_per_epoch:
+        _log(
+            f"the checkpoint is at or past num_epochs={config.num_epochs}: nothing to train, "
+            "reporting its results (raise --config.num_epochs to continue, or use another "
+            "--workdir to start afresh)"
+        )
+    return manager, state, progress, step
+
+
+def run_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """Trains ``epoch`` from ``run.step`` (a resumed epoch skips its done batches) until its
+    end or a stop; returns the epoch's metric sums (``loss``, ``correct``, ``count``)."""
+    config = run.config
+    skip = run.step - epoch * run.steps_per_epoch
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    if skip:
+        sums.update(run.progress.get("epoch_sums", {}))
+    window = {"loss": 0.0, "count": 0.0}
+    bar = tqdm.tqdm(
+        total=run.steps_per_epoch,
+        initial=skip,
+        desc=f"epoch {epoch + 1}/{config.num_epochs}",
+        unit="step",
+        leave=False,
+        disable=not config.progress_bar or jax.process_index() != 0,
+    )
+    if run.timing_start is not None:
+        run.timing_start, run.timing_images = time.time(), 0
+    batches = pipeline.epoch_batches(
+        *run.train_data,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        epoch=epoch,
+        sharding=run.sharding,
+    )
+    pending = None
+    for batch in itertools.islice(batches, skip, None):
+        step_metrics = train_one_step(run, batch)
+        run.step += 1
+        if pending is not None:
+            consume_step(run, *pending, epoch, sums, window, bar)
+        pending = (step_metrics, run.step)
+        if run.stop_agreed if run.multiprocess else run.stop.signum is not None:
+            break
+    if pending is not None:
+        consume_step(run, *pending, epoch, sums, window, bar)
+    bar.close()
+    if run.timing_images:
+        run.throughput.append((run.timing_images, time.time() - run.timing_start))
+    return sums
+
+
+def train_one_step(run: Run, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Dispatches one train step (updating ``run.state``); returns its metrics, on device. The
+    first one is timed with its compilation, the others counted for the throughput."""
+    if run.multiprocess:
+        rows = run.stop_rows.stop - run.stop_rows.start
+        flag = np.full((rows,), run.stop.signum is not None, np.float32)
+        stop = jax.make_array_from_process_local_data(run.sharding, flag, (run.config.batch_size,))
+        batch = dict(batch, stop=stop)
+    if run.timing_start is not None:
+        run.state, step_metrics = run.train_fn(run.state, batch, run.train_rng)
+        run.timing_images += run.config.batch_size
+        return step_metrics
+    compile_start = time.time()
+    run.state, step_metrics = run.train_fn(run.state, batch, run.train_rng)
+    release_free_memory()  # the compiler's
+    jax.block_until_ready(step_metrics)
+    _log(f"first train step (compile included): {time.time() - compile_start:.1f}s")
+    run.timing_start = time.time()
+    return step_metrics
+
+
+def consume_step(run: Run, step_metrics, at_step, epoch, sums, window, bar) -> None:
+    """Host side of a finished step: finiteness check, sums, progress bar, train record."""
+    m = jax.device_get(step_metrics)
+    if not m["finite"]:
+        latest = run.manager.latest_step()
+        kept = (
+            "no checkpoint had been saved yet"
+            if latest is None
+            else f"the last good checkpoint (step {latest}) in {run.manager.directory} is kept"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss or parameters at step {at_step} (epoch "
+            f"{epoch + 1}, batch {at_step - epoch * run.steps_per_epoch}/"
+            f"{run.steps_per_epoch}; summed batch loss {float(m['loss'])}). "
+            f"Stopped; {kept}. Try a lower --config.learning_rate, in a new "
+            "--workdir (this one keeps the config it was trained with)."
+        )
+    if m.get("stop"):
+        run.stop_agreed = True
+    for key in sums:
+        sums[key] += float(m[key])
+    for key in window:
+        window[key] += float(m[key])
+    bar.update(1)
+    if at_step % run.config.log_every_steps == 0 or at_step == run.total_steps:
+        loss = window["loss"] / max(window["count"], 1.0)
+        seconds = time.time() - (run.timing_start or time.time())
+        rate = run.timing_images / seconds if seconds > 0 else 0.0
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+        run.writer.write(
+            {
+                "kind": "train",
+                "step": at_step,
+                "epoch": at_step / run.steps_per_epoch,
+                "train_loss": loss,
+                "learning_rate": float(run.schedule(at_step - 1)),
+            }
+        )
+        window.update(loss=0.0, count=0.0)
+
+
+def end_epoch(run: Run, epoch: int, sums: Mapping[str, float]) -> None:
+    """A finished epoch: its record (train metrics, a test evaluation when due), logged and
+    written, and a checkpoint when due or the test accuracy is a new best."""
+    config = run.config
+    count = max(sums["count"], 1.0)
+    record = {
+        "kind": "epoch",
+        "step": run.step,
+        "epoch": epoch + 1,
+        "train_loss": sums["loss"] / count,
+        "train_accuracy": sums["correct"] / count,
+        "learning_rate": float(run.schedule(run.step - 1)),
+    }
+    if run.timing_images:
+        record["images_per_s"] = run.throughput[-1][0] / run.throughput[-1][1]
+    last_epoch = epoch + 1 == config.num_epochs
+    evaluate_now = last_epoch or (
+        epoch + 1 >= config.eval_from_epoch
+        and (epoch + 1 - config.eval_from_epoch) % config.eval_every_epochs == 0
+    )
+    new_best = False
+    if evaluate_now:
+        eval_start = time.time()
+        test = evaluate(run.eval_fn, run.state, _test_batches(run))
+        record.update(
+            test_loss=test["loss"],
+            test_accuracy=test["accuracy"],
+            eval_time_s=time.time() - eval_start,
+        )
+        new_best = run.best is None or test["accuracy"] >= run.best["test_accuracy"]
+        if new_best:
+            run.best = record
+    run.epoch_record = record
+    run.writer.write(record)
+    run.records.append(record)
+    _log(format_epoch(record, config.num_epochs))
+    if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or new_best:
+        checkpointing.save(
+            run.manager,
+            run.step,
+            run.state,
+            {"steps_per_epoch": run.steps_per_epoch},
+            test_accuracy=record.get("test_accuracy"),
         )
 
-    best = best_epoch(records)
-    epoch_record = next((r for r in reversed(records) if r.get("kind") == "epoch"), None)
-    throughput = []  # (images, seconds) per epoch, not counting this process's first step.
-    timing = {"start": None, "images": 0}
-    interrupted = False
-    # Whether to stop (a signal): agreed by all processes at the same step (`_any_process` at
-    # epoch ends, the step's ``stop`` metric in between), so that they save the same step.
-    agreed = {"stop": False}
 
-    def stopping() -> bool:
-        if not agreed["stop"]:
-            agreed["stop"] = _any_process(stop.signum is not None)
-        return agreed["stop"]
+def _stopping(run: Run) -> bool:
+    """Whether a stop was requested (on any process: a collective at epoch ends)."""
+    if not run.stop_agreed:
+        run.stop_agreed = _any_process(run.stop.signum is not None)
+    return run.stop_agreed
 
-    try:
-        with _StopRequest() as stop:
-            for epoch in range(step // steps_per_epoch, config.num_epochs):
-                skip = step - epoch * steps_per_epoch
-                sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-                if skip:
-                    sums.update(progress.get("epoch_sums", {}))
-                window = {"loss": 0.0, "count": 0.0}
-                bar = tqdm.tqdm(
-                    total=steps_per_epoch,
-                    initial=skip,
-                    desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                    unit="step",
-                    leave=False,
-                    disable=not config.progress_bar or jax.process_index() != 0,
-                )
-                if timing["start"] is not None:
-                    timing.update(start=time.time(), images=0)
 
-                def consume(step_metrics, at_step, epoch=epoch, sums=sums, window=window, bar=bar):
-                    """Host side of a finished step: finiteness check, sums, logging."""
-                    m = jax.device_get(step_metrics)
-                    if not m["finite"]:
-                        latest = manager.latest_step()
-                        kept = (
-                            "no checkpoint had been saved yet"
-                            if latest is None
-                            else f"the last good checkpoint (step {latest}) in "
-                            f"{manager.directory} is kept"
-                        )
-                        raise NonFiniteLossError(
-                            f"non-finite loss or parameters at step {at_step} (epoch "
-                            f"{epoch + 1}, batch {at_step - epoch * steps_per_epoch}/"
-                            f"{steps_per_epoch}; summed batch loss {float(m['loss'])}). "
-                            f"Stopped; {kept}. Try a lower --config.learning_rate, in a new "
-                            "--workdir (this one keeps the config it was trained with)."
-                        )
-                    if m.get("stop"):
-                        agreed["stop"] = True
-                    for key in sums:
-                        sums[key] += float(m[key])
-                    for key in window:
-                        window[key] += float(m[key])
-                    bar.update(1)
-                    if at_step % config.log_every_steps == 0 or at_step == total_steps:
-                        loss = window["loss"] / max(window["count"], 1.0)
-                        seconds = time.time() - (timing["start"] or time.time())
-                        rate = timing["images"] / seconds if seconds > 0 else 0.0
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-                        writer.write(
-                            {
-                                "kind": "train",
-                                "step": at_step,
-                                "epoch": at_step / steps_per_epoch,
-                                "train_loss": loss,
-                                "learning_rate": float(schedule(at_step - 1)),
-                            }
-                        )
-                        window.update(loss=0.0, count=0.0)
+def save_interrupted(run: Run, progress: dict[str, Any]) -> None:
+    """Marks the run interrupted, saving ``run.step`` (with ``progress``) unless it is saved."""
+    if run.manager.latest_step() != run.step:
+        progress = dict(progress, steps_per_epoch=run.steps_per_epoch)
+        checkpointing.save(run.manager, run.step, run.state, progress)
+    run.interrupted = True
 
-                batches = pipeline.epoch_batches(
-                    train_images,
-                    train_labels,
-                    config.batch_size,
-                    shuffle=True,
-                    seed=config.seed,
-                    epoch=epoch,
-                    sharding=sharding,
-                )
-                pending = None
-                for batch in itertools.islice(batches, skip, None):
-                    if multiprocess:
-                        rows = stop_rows.stop - stop_rows.start
-                        flag = np.full((rows,), stop.signum is not None, np.float32)
-                        batch = dict(
-                            batch,
-                            stop=jax.make_array_from_process_local_data(
-                                sharding, flag, (config.batch_size,)
-                            ),
-                        )
-                    if timing["start"] is None:
-                        compile_start = time.time()
-                        state, step_metrics = train_fn(state, batch, train_rng)
-                        release_free_memory()  # the compiler's
-                        jax.block_until_ready(step_metrics)
-                        seconds = time.time() - compile_start
-                        _log(f"first train step (compile included): {seconds:.1f}s")
-                        timing["start"] = time.time()
-                    else:
-                        state, step_metrics = train_fn(state, batch, train_rng)
-                        timing["images"] += config.batch_size
-                    step += 1
-                    if pending is not None:
-                        consume(*pending)
-                    pending = (step_metrics, step)
-                    if agreed["stop"] if multiprocess else stop.signum is not None:
-                        break
-                if pending is not None:
-                    consume(*pending)
-                bar.close()
-                if timing["images"]:
-                    throughput.append((timing["images"], time.time() - timing["start"]))
 
-                if step < (epoch + 1) * steps_per_epoch and stopping():
-                    if manager.latest_step() != step:
-                        progress = {"epoch_sums": sums, "steps_per_epoch": steps_per_epoch}
-                        checkpointing.save(manager, step, state, progress)
-                    interrupted = True
-                    break
+def _test_batches(run: Run):
+    return pipeline.epoch_batches(
+        *run.test_data, run.config.eval_batch_size, shuffle=False, sharding=run.sharding
+    )
 
-                # End of the epoch: train metrics, evaluation, record, checkpoint.
-                count = max(sums["count"], 1.0)
-                epoch_record = {
-                    "kind": "epoch",
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "train_loss": sums["loss"] / count,
-                    "train_accuracy": sums["correct"] / count,
-                    "learning_rate": float(schedule(step - 1)),
-                }
-                if timing["images"]:
-                    epoch_record["images_per_s"] = throughput[-1][0] / throughput[-1][1]
-                last_epoch = epoch + 1 == config.num_epochs
-                evaluate_now = last_epoch or (
-                    epoch + 1 >= config.eval_from_epoch
-                    and (epoch + 1 - config.eval_from_epoch) % config.eval_every_epochs == 0
-                )
-                new_best = False
-                if evaluate_now:
-                    eval_start = time.time()
-                    test = evaluate(eval_fn, state, test_batches())
-                    epoch_record.update(
-                        test_loss=test["loss"],
-                        test_accuracy=test["accuracy"],
-                        eval_time_s=time.time() - eval_start,
-                    )
-                    new_best = best is None or test["accuracy"] >= best["test_accuracy"]
-                    if new_best:
-                        best = epoch_record
-                writer.write(epoch_record)
-                records.append(epoch_record)
-                _log(format_epoch(epoch_record, config.num_epochs))
-                if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch or new_best:
-                    checkpointing.save(
-                        manager,
-                        step,
-                        state,
-                        {"steps_per_epoch": steps_per_epoch},
-                        test_accuracy=epoch_record.get("test_accuracy"),
-                    )
-                if stopping():
-                    if manager.latest_step() != step:
-                        checkpointing.save(
-                            manager, step, state, {"steps_per_epoch": steps_per_epoch}
-                        )
-                    interrupted = True
-                    break
-    finally:
-        manager.close()
 
+def finish_run(run: Run, wall_start: float) -> dict[str, Any]:
+    """Logs how the run ended, plots its curves, and returns `train_and_evaluate`'s result."""
     # A process that did not get the signal itself stops for another's: reported as SIGTERM.
-    signum = (stop.signum or signal.SIGTERM) if interrupted else None
-    if interrupted:
+    signum = (run.stop.signum or signal.SIGTERM) if run.interrupted else None
+    if run.interrupted:
         _log(
-            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
-            f"{checkpointing.checkpoint_dir(workdir)}. Rerun the same command to resume."
+            f"stopped by {signal.Signals(signum).name} at step {run.step}; checkpoint saved in "
+            f"{checkpointing.checkpoint_dir(run.workdir)}. Rerun the same command to resume."
         )
     elif jax.process_index() == 0:
-        plot_curves(records, os.path.join(workdir, CURVES_FILE))
+        plot_curves(run.records, os.path.join(run.workdir, CURVES_FILE))
 
-    if not interrupted and (epoch_record is None or "test_accuracy" not in epoch_record):
+    epoch_record = run.epoch_record
+    if not run.interrupted and (epoch_record is None or "test_accuracy" not in epoch_record):
         # A finished run resumed without its metrics.jsonl: evaluate the final state.
-        test = evaluate(eval_fn, state, test_batches())
+        test = evaluate(run.eval_fn, run.state, _test_batches(run))
         epoch_record = dict(epoch_record or {}, test_accuracy=test["accuracy"])
     epoch_record = epoch_record or {}
-    images, seconds = (sum(x) for x in zip(*throughput)) if throughput else (0, 0.0)
+    best = run.best
+    images, seconds = (sum(x) for x in zip(*run.throughput)) if run.throughput else (0, 0.0)
     return {
         "test_accuracy": epoch_record.get("test_accuracy"),
         "test_epoch": epoch_record.get("epoch"),
@@ -494,12 +591,12 @@ def _train_and_evaluate(config, workdir, model, sharding, num_shards, wall_start
         "best_epoch": None if best is None else best["epoch"],
         "train_loss": epoch_record.get("train_loss", math.nan),
         "train_accuracy": epoch_record.get("train_accuracy", math.nan),
-        "epoch": step / steps_per_epoch,
-        "step": step,
-        "num_params": num_params,
+        "epoch": run.step / run.steps_per_epoch,
+        "step": run.step,
+        "num_params": run.num_params,
         "images_per_s": images / seconds if seconds else math.nan,
         "wall_time_s": time.time() - wall_start,
-        "interrupted": interrupted,
+        "interrupted": run.interrupted,
         "signal": signum,
-        "workdir": workdir,
+        "workdir": run.workdir,
     }
