@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string(
@@ -112,12 +112,11 @@ def _load_config():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax logs a lot.
     # Imported here so that --help and flag errors do not wait for JAX.
+    from neural_epdo_jax.runtime.host import setup_host
+
+    setup_host(cpu_devices=_CPU_DEVICES.value, compilation_cache=_CACHE.value)
     from neural_epdo_jax.data import sources
-    from neural_epdo_jax.runtime import parallel
-    from neural_epdo_jax.runtime.host import use_compilation_cache
     from neural_epdo_jax.tools import evaluate
     from neural_epdo_jax.train import checkpointing, workdir_lock
     from neural_epdo_jax.train.loop import (
@@ -129,8 +128,6 @@ def main(argv: list[str]) -> None:
     from neural_epdo_jax.train.state import ConfigError
 
     config = _load_config() if _MODE.value == "train" else None
-    parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts
-    use_compilation_cache(_CACHE.value)
     explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if any(value is not None for value in explicit):
         if config is None or not config.distributed:
@@ -173,7 +170,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from neural_epdo_jax.runtime import hostmem
-
-    hostmem.reexec_with_huge_pages()  # faster CPU steps; before anything else starts
     app.run(main, flags_parser=_parse_flags)

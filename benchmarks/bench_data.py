@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from neural_epdo_jax.data import augment, pipeline, sources  # noqa: E402
+from neural_epdo_jax.runtime.host import setup_host  # noqa: E402
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Pipeline batch size.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 12_000, "Examples per pipeline epoch.")
@@ -66,6 +67,7 @@ def _synthetic_mnist_rot(directory: str) -> None:
 
 def main(argv):
     del argv
+    setup_host()
     rows = []
     with tempfile.TemporaryDirectory() as data_dir:
         _, seconds = _timed(lambda: sources.prepare("rotated_digits", data_dir=data_dir))

@@ -138,8 +138,7 @@ def run_child(name: str) -> dict:
     from configs import default as default_config
     from neural_epdo_jax import models
     from neural_epdo_jax.data import pipeline
-    from neural_epdo_jax.runtime import parallel
-    from neural_epdo_jax.runtime.host import release_free_memory
+    from neural_epdo_jax.runtime.host import release_free_memory, setup_host
     from neural_epdo_jax.train.state import (
         create_learning_rate_schedule,
         create_optimizer,
@@ -147,7 +146,7 @@ def run_child(name: str) -> dict:
     )
     from neural_epdo_jax.train.steps import eval_step, jit_data_parallel, replicated, train_step
 
-    parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts, as train.py does
+    setup_host(cpu_devices=_CPU_DEVICES.value, compilation_cache="")  # as train.py does
     # Cold compiles: a persistent cache (run.sh sets one) would hand back steps compiled by
     # an earlier run, and the compiler's memory peak with them.
     jax.config.update("jax_enable_compilation_cache", False)
@@ -277,6 +276,10 @@ def _row(r: dict) -> str:
 
 def main(argv):
     del argv
+    from neural_epdo_jax.runtime.host import setup_host
+
+    # Huge pages as train.py; the variants' subprocesses inherit them.
+    setup_host(compilation_cache="")
     if _CHILD.value:
         print("RESULT " + json.dumps(run_child(_CHILD.value)), flush=True)
         return
@@ -325,7 +328,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from neural_epdo_jax.runtime import hostmem
-
-    hostmem.reexec_with_huge_pages()  # as train.py; the variants' subprocesses inherit it
     app.run(main)

@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from neural_epdo_jax import models  # noqa: E402
+from neural_epdo_jax.runtime.host import setup_host  # noqa: E402
 
 VARIANTS = {k: v for k, v in models.PAPER_VARIANTS.items() if k != "PDO-eConv"}
 # (dtype, train batch, eval batch), most important first: the budget may cut the tail.
@@ -327,6 +328,7 @@ def main() -> None:
     ap.add_argument("--eval_batches", default="1024,4096", help="--focus's extra eval batches")
     ap.add_argument("--profile_calls", type=int, default=10)
     args = ap.parse_args()
+    setup_host(quiet=False)
     print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.devices()}")
     keep_busy(args.warmup_s)
     start = time.perf_counter()

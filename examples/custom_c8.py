@@ -31,6 +31,7 @@ import optax
 from neural_epdo_jax import layers, testing
 from neural_epdo_jax.core import fields, groups
 from neural_epdo_jax.data import sources
+from neural_epdo_jax.runtime.host import setup_host
 
 
 class C8Net(nn.Module):
@@ -206,6 +207,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", choices=("digits", "random"), default="digits")
     parser.add_argument("--learning_rate", type=float, default=1e-2)
     args = parser.parse_args()
+    setup_host(quiet=False)
     main(
         steps=args.steps,
         batch_size=args.batch_size,

@@ -1,6 +1,6 @@
 """Random-rotation augmentation of image batches, on device (jittable, batched).
 
-Rotation convention, shared with ``datasets.rotate_bilinear_np``: a positive angle turns the
+Rotation convention, shared with ``sources.rotate_bilinear_np``: a positive angle turns the
 image counter-clockwise as displayed (row 0 at the top), about the centre ((H-1)/2, (W-1)/2)
 in pixel indices; so a quarter turn equals ``jnp.rot90(x, k=1, axes=(1, 2))``. Output pixel p
 samples the input at R(-angle) p; samples outside the image read 0 (zero fill).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neural_epdo_jax.runtime import parallel
 
@@ -33,14 +34,16 @@ def random_angles(rng: jax.Array, num: int) -> jax.Array:
     return jax.random.uniform(rng, (num,), minval=-jnp.pi, maxval=jnp.pi)
 
 
-def _source_coordinates(angles: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
-    """Input (row, col) sampled by each output pixel: two float32 arrays [B, H, W]."""
+def source_coordinates(cos, sin, height: int, width: int):
+    """Input (row, col) that each output pixel samples, for rotations with these cosines and
+    sines [B]: two arrays [B, H, W] in their dtype (numpy for numpy input, whose float64
+    arithmetic `sources.rotate_bilinear_np` keeps exact; else JAX)."""
+    xp = np if isinstance(cos, np.ndarray) else jnp
     centre_r, centre_c = (height - 1) / 2.0, (width - 1) / 2.0
-    rows = jnp.arange(height, dtype=jnp.float32)[:, None]
-    cols = jnp.arange(width, dtype=jnp.float32)[None, :]
+    rows = xp.arange(height, dtype=cos.dtype)[:, None]
+    cols = xp.arange(width, dtype=cos.dtype)[None, :]
     x, y = cols - centre_c, centre_r - rows  # display coordinates (y up), [H, W] by broadcast
-    cos = jnp.cos(angles).astype(jnp.float32)[:, None, None]
-    sin = jnp.sin(angles).astype(jnp.float32)[:, None, None]
+    cos, sin = cos[:, None, None], sin[:, None, None]
     src_c = cos * x + sin * y + centre_c  # [B, H, W]
     src_r = centre_r - (cos * y - sin * x)
     return src_r, src_c
@@ -74,7 +77,8 @@ def rotate(images: jax.Array, angles: jax.Array, *, order: int) -> jax.Array:
     if order not in (0, 1):
         raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), got {order}")
     _, h, w, _ = images.shape
-    src_r, src_c = _source_coordinates(angles, h, w)
+    cos, sin = jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32)
+    src_r, src_c = source_coordinates(cos, sin, h, w)
     if order == 0:
         # floor(x + 0.5): exact quarter turns land on integer coordinates up to float error.
         r = jnp.floor(src_r + 0.5).astype(jnp.int32)

@@ -56,6 +56,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from neural_epdo_jax.data import augment
+
 KNOWN_DATASETS: tuple[str, ...] = ("mnist_rot", "rotated_digits", "idx")
 
 DATA_DIR_ENV = "NEURAL_EPDO_JAX_DATA_DIR"
@@ -486,7 +488,8 @@ def rotate_bilinear_np(images: np.ndarray, angles: np.ndarray) -> np.ndarray:
     The centre is ((H-1)/2, (W-1)/2) in pixel indices. Output pixel p samples the input at
     R(-angle) p (display coordinates: x right, y up); samples outside the image read 0. The
     arithmetic is float64 +, *, floor only (IEEE-exact) after :func:`_portable_cos_sin`, so the
-    result is deterministic across platforms. Same convention as ``augment.rotate(order=1)``.
+    result is deterministic across platforms. The convention (and the coordinates,
+    `augment.source_coordinates`) of ``augment.rotate(order=1)``.
 
     Args:
       images: [N, H, W] float.
@@ -498,13 +501,7 @@ def rotate_bilinear_np(images: np.ndarray, angles: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float64)
     n, h, w = images.shape
     cos, sin = _portable_cos_sin(np.asarray(angles, np.float64))
-    cos, sin = cos[:, None, None], sin[:, None, None]
-    centre_r, centre_c = (h - 1) / 2.0, (w - 1) / 2.0
-    rows = np.arange(h, dtype=np.float64)[:, None]
-    cols = np.arange(w, dtype=np.float64)[None, :]
-    x, y = cols - centre_c, centre_r - rows  # display coordinates of each output pixel
-    src_c = (cos * x + sin * y) + centre_c  # [N, H, W]
-    src_r = centre_r - (cos * y - sin * x)
+    src_r, src_c = augment.source_coordinates(cos, sin, h, w)  # [N, H, W]
     r0, c0 = np.floor(src_r), np.floor(src_c)
     fr, fc = src_r - r0, src_c - c0
     # A one-pixel zero border; indices are clipped into it so that any corner outside reads 0.

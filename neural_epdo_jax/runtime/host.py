@@ -1,4 +1,6 @@
-"""Host setup shared by every entry point: XLA's compilation cache, memory handed back."""
+"""Host setup shared by every entry point (`setup_host`): huge pages, logging, CPU devices,
+XLA's compilation cache; and the compiler's freed memory handed back (`release_free_memory`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import os
 from collections.abc import Callable
 
 import jax
+
+from neural_epdo_jax.runtime import hostmem, parallel
 
 
 def default_compilation_cache_dir() -> str:
@@ -56,3 +60,39 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def setup_host(
+    *,
+    cpu_devices: int | None = None,
+    compilation_cache: str | None = None,
+    huge_pages: bool = True,
+    quiet: bool = True,
+) -> str | None:
+    """Prepares this process for a run. Every entry point (train.py, the ``tools`` command
+    lines, the benchmarks, the examples) calls it first thing, before JAX computes anything.
+
+    Args:
+      cpu_devices: on a CPU host, split it into this many JAX devices, one per core if 0
+        (`parallel.use_cpu_cores`: data parallelism); None: JAX's default, one device.
+      compilation_cache: XLA's persistent compilation cache directory
+        (`use_compilation_cache`: None the default one, '' none).
+      huge_pages: start this same command again with transparent huge pages for the C heap
+        when they are missing (`hostmem.reexec_with_huge_pages`: faster CPU steps; not in an
+        interactive interpreter or ``-c`` code). Call it before threads start or files open.
+      quiet: absl logging at WARNING unless ``--verbosity`` was given (orbax logs every
+        checkpoint save and restore at INFO; progress goes to stdout).
+
+    Returns:
+      The compilation cache directory in use, or None.
+    """
+    if huge_pages:
+        hostmem.reexec_with_huge_pages()
+    if quiet:
+        from absl import flags, logging
+
+        if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
+            logging.set_verbosity(logging.WARNING)
+    if cpu_devices is not None:
+        parallel.use_cpu_cores(cpu_devices)
+    return use_compilation_cache(compilation_cache)

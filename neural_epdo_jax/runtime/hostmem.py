@@ -8,12 +8,12 @@ ask for transparent huge pages on those mappings (the tunable ``glibc.malloc.hug
 which leaves a few hundred faults per step: training and evaluation about a quarter faster
 at the same peak memory (docs/performance.md).
 
-glibc reads tunables only when a process starts. ``run.sh`` exports the tunable, and the
-command-line entry points (train.py, ``python -m neural_epdo_jax.tools.evaluate``, the model
-benchmark) call :func:`reexec_with_huge_pages` first, which starts the same command again
-with it when it is missing. A script of your own gets it with
-``export GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in its shell, or by calling
-:func:`reexec_with_huge_pages` first thing in its ``__main__`` block.
+glibc reads tunables only when a process starts. ``run.sh`` exports the tunable, and every
+entry point (train.py, the ``tools`` command lines, the benchmarks, the examples) calls
+:func:`reexec_with_huge_pages` first through `runtime.host.setup_host`, which starts the same
+command again with it when it is missing. A script of your own gets it with
+``export GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in its shell, or by calling ``setup_host()``
+first thing in its ``__main__`` block.
 ``NEURAL_EPDO_JAX_HUGE_PAGES=0`` opts out; a ``hugetlb`` value already in ``GLIBC_TUNABLES``
 is kept as it is.
 """

@@ -47,6 +47,7 @@ import scipy.linalg
 
 from neural_epdo_jax import layers, models
 from neural_epdo_jax.core import bases, fields, groups
+from neural_epdo_jax.runtime.host import setup_host
 
 MAX_RESIDUAL = 1e-3
 # Discretisations whose reference stencils list each order's derivatives in reverse.
@@ -593,7 +594,7 @@ def write_workdir(
 
 def main(argv: list[str]) -> None:
     """Command-line entry point (flags below)."""
-    from absl import app, flags, logging
+    from absl import app, flags
     from ml_collections import config_flags
 
     from neural_epdo_jax.tools import evaluate
@@ -603,8 +604,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    if not values["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    setup_host()
     try:
         if values.direction == "to_reference":
             if not values.output:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -23,8 +24,7 @@ import numpy as np
 from absl import logging
 
 from neural_epdo_jax.data import augment, pipeline
-from neural_epdo_jax.runtime import parallel
-from neural_epdo_jax.runtime.host import use_compilation_cache
+from neural_epdo_jax.runtime.host import setup_host
 from neural_epdo_jax.train import checkpointing
 from neural_epdo_jax.train.loop import load_split
 from neural_epdo_jax.train.state import (
@@ -96,6 +96,37 @@ def sweep_angles(angle_step_degrees: float) -> np.ndarray:
     return np.arange(0.0, 360.0 - 1e-9, angle_step_degrees)
 
 
+def rotated_runs(
+    step: Callable,
+    state: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    angles_degrees: Iterable[float],
+    *,
+    batch_size: int,
+    sharding: jax.sharding.NamedSharding | None = None,
+) -> Iterator[tuple[Callable, Iterator[dict]]]:
+    """The one loop over rotated test images: for each angle, ``(fn, batches)``, where
+    ``fn(state, batch)`` runs ``step(state, batch, axis_name=None)`` (a step as `eval_step`,
+    jitted once for all angles, data-parallel over ``sharding``: `jit_data_parallel`) on the
+    batch's images rotated by the angle (counter-clockwise, bilinear, zero fill, about the
+    centre: `augment.rotate`), and ``batches`` are the images' batches in order (the last one
+    padded; its ``mask`` marks the real rows)."""
+
+    def rotated_step(state, batch, angle_degrees, axis_name=None):
+        angles = jnp.full(batch["image"].shape[:1], jnp.deg2rad(angle_degrees))  # [B]
+        images = augment.rotate(batch["image"], angles, order=1)
+        return step(state, dict(batch, image=images), axis_name=axis_name)
+
+    fn = jit_data_parallel(rotated_step, sharding)
+    for angle in angles_degrees:
+        batches = pipeline.epoch_batches(
+            images, labels, batch_size, shuffle=False, sharding=sharding
+        )
+        angle = np.float32(angle)
+        yield (lambda s, b, a=angle: fn(s, b, a)), batches
+
+
 def rotation_sweep(
     state: TrainState,
     images: np.ndarray,
@@ -105,24 +136,17 @@ def rotation_sweep(
     batch_size: int,
     sharding: jax.sharding.NamedSharding | None = None,
 ) -> list[float]:
-    """Test accuracy of ``state`` on the images rotated by each angle (counterclockwise,
-    bilinear, about the image centre)."""
-
-    def rotated_eval_step(state, batch, angle_degrees, axis_name=None):
-        angles = jnp.full(batch["image"].shape[:1], jnp.deg2rad(angle_degrees))  # [B]
-        images = augment.rotate(batch["image"], angles, order=1)
-        return eval_step(state, dict(batch, image=images), axis_name=axis_name)
-
-    eval_fn = jit_data_parallel(rotated_eval_step, sharding)
-    accuracies = []
-    for angle in angles_degrees:
-        batches = pipeline.epoch_batches(
-            images, labels, batch_size, shuffle=False, sharding=sharding
-        )
-        angle = np.float32(angle)
-        metrics = evaluate(lambda s, b, a=angle: eval_fn(s, b, a), state, batches)
-        accuracies.append(metrics["accuracy"])
-    return accuracies
+    """Test accuracy of ``state`` on the images rotated by each angle (`rotated_runs`)."""
+    runs = rotated_runs(
+        eval_step,
+        state,
+        images,
+        labels,
+        angles_degrees,
+        batch_size=batch_size,
+        sharding=sharding,
+    )
+    return [evaluate(fn, state, batches)["accuracy"] for fn, batches in runs]
 
 
 def plot_sweep(angles: np.ndarray, accuracies: list[float], title: str, path: str) -> None:
@@ -206,15 +230,12 @@ def run(
 
 def main(argv: list[str]) -> None:
     """Command-line entry point (flags below)."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    if not values["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    parallel.use_cpu_cores(values.cpu_devices)  # before JAX starts
-    use_compilation_cache(values.compilation_cache_dir)
+    setup_host(cpu_devices=values.cpu_devices, compilation_cache=values.compilation_cache_dir)
     try:
         run(
             values.workdir,
@@ -228,10 +249,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-
-    from neural_epdo_jax.runtime import hostmem
-
-    hostmem.reexec_with_huge_pages()  # as train.py
 
     flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
     flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which checkpoint to load.")

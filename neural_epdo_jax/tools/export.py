@@ -47,6 +47,7 @@ from neural_epdo_jax import layers, models
 from neural_epdo_jax.core import bases, fields, groups
 from neural_epdo_jax.layers.norm import BATCH_NORM_EPS, GROUP_NORM_EPS
 from neural_epdo_jax.runtime import parallel
+from neural_epdo_jax.runtime.host import setup_host
 
 Arrays = tuple[dict[str, jax.Array], ...]
 
@@ -553,15 +554,14 @@ def export_checkpoint(
 def main(argv: list[str]) -> None:
     """Command-line entry point:
     ``python -m neural_epdo_jax.tools.export --workdir=DIR --output=F``."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     from neural_epdo_jax.train import checkpointing
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    if not values["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    setup_host()
     try:
         frozen = export_checkpoint(
             values.workdir,

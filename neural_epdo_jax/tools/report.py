@@ -39,8 +39,9 @@ import numpy as np
 
 from neural_epdo_jax import layers, models, testing
 from neural_epdo_jax.core import fields
-from neural_epdo_jax.data import augment, pipeline
+from neural_epdo_jax.data import pipeline
 from neural_epdo_jax.runtime import parallel
+from neural_epdo_jax.runtime.host import setup_host
 from neural_epdo_jax.tools import evaluate
 from neural_epdo_jax.train import checkpointing
 from neural_epdo_jax.train.loop import load_split
@@ -198,12 +199,13 @@ def rotation_robustness(
 
     Args:
       logits_fn: ``(variables, images [B, H, W, 1]) -> logits [B, K]`` (traceable; it is
-        jitted together with the rotation and called with batches of ``min(batch_size, N)``
-        rows, the last one zero-padded), e.g. ``functools.partial(model.apply, train=False)``.
+        jitted together with the rotation (`evaluate.rotated_runs`) and called with batches
+        of ``min(batch_size, N)`` rows, the last one padded), e.g.
+        ``functools.partial(model.apply, train=False)``.
       variables: its first argument.
       images, labels: [N, H, W, 1] and [N].
       angles_degrees: rotations (counter-clockwise, bilinear, zero fill, about the centre;
-        `augment.rotate`, as `evaluate.rotation_sweep`).
+        `evaluate.rotated_runs`, as `evaluate.rotation_sweep`).
       batch_size: rows per call.
 
     Returns:
@@ -215,28 +217,22 @@ def rotation_robustness(
     n = len(images)
     batch_size = min(batch_size, n)
 
-    @jax.jit
-    def rotated_logits(variables, x, angle_radians):
-        angles = jnp.full(x.shape[:1], angle_radians)
-        return logits_fn(variables, augment.rotate(x, angles, order=1))
+    def logits_step(variables, batch, axis_name=None):
+        return logits_fn(variables, batch["image"])
 
-    def all_logits(angle_radians: float) -> np.ndarray:
-        out = []
-        for start in range(0, n, batch_size):
-            batch = images[start : start + batch_size]
-            pad = batch_size - len(batch)
-            if pad:
-                batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-            logits = rotated_logits(variables, jnp.asarray(batch), np.float32(angle_radians))
-            out.append(np.asarray(logits)[: batch_size - pad])
-        return np.concatenate(out).astype(np.float64)
+    def all_logits(fn, batches) -> np.ndarray:
+        rows = [np.asarray(fn(variables, b))[np.asarray(b["mask"]) > 0] for b in batches]
+        return np.concatenate(rows).astype(np.float64)
 
-    reference = all_logits(0.0)
+    runs = evaluate.rotated_runs(
+        logits_step, variables, images, labels, [0.0, *angles_degrees], batch_size=batch_size
+    )
+    reference = all_logits(*next(runs))
     ref_pred = reference.argmax(-1)
     ref_norm = np.maximum(np.linalg.norm(reference, axis=-1), 1e-30)
     result = collections.defaultdict(list)
-    for angle in angles_degrees:
-        logits = reference if angle == 0 else all_logits(np.deg2rad(angle))
+    for angle, run in zip(angles_degrees, runs):
+        logits = reference if angle == 0 else all_logits(*run)
         pred = logits.argmax(-1)
         change = np.linalg.norm(logits - reference, axis=-1) / ref_norm
         result["accuracy"].append(float(np.mean(pred == labels)))
@@ -437,13 +433,12 @@ def make_report(
 
 def main(argv: list[str]) -> None:
     """Command-line entry point (flags below)."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    if not values["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    setup_host()
     try:
         make_report(
             values.workdir,

@@ -458,6 +458,10 @@ def main(argv: list[str]) -> None:
                 command += " && " + shlex.join(run.sweep_command(study))
             print(command)
         return
+    from neural_epdo_jax.runtime.host import setup_host
+
+    # Huge pages once here: the train.py runs inherit them instead of each starting again.
+    setup_host(quiet=False)
     failures, stopped = 0, False
     if not values.collect_only:
         if study.needs_accelerator and (backend := _accelerator_backend()) == "cpu":

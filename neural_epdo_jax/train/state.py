@@ -150,8 +150,8 @@ def create_optimizer(
     (``optax.flatten``), so the Adam moments are two flat vectors. Elementwise it is the same
     update (float32 round-off apart), but XLA's CPU backend compiles one fused kernel for it
     instead of several per parameter array, which compiles faster at the same step time
-    (docs/performance.md, "Compilation"). ``flat=False`` is the per-array state of older
-    checkpoints (`restore_train_state` converts).
+    (docs/performance.md, "Compilation"). ``flat=False``: the same update with the state per
+    parameter array.
     """
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
@@ -159,23 +159,6 @@ def create_optimizer(
         optax.scale_by_learning_rate(schedule),
     )
     return optax.flatten(tx) if flat else tx
-
-
-def flatten_opt_state(opt_state: optax.OptState, params: Any) -> optax.OptState:
-    """The per-array optimizer state of ``create_optimizer(..., flat=False)`` as the flat
-    optimizer's: every subtree shaped like ``params`` (the Adam moments) becomes the
-    concatenation of its leaves, in ``optax.flatten``'s order."""
-    params_def = jax.tree.structure(params)
-
-    def like_params(s) -> bool:
-        return jax.tree.structure(s) == params_def
-
-    def ravel(s):
-        if not like_params(s):
-            return s
-        return jnp.concatenate([jnp.reshape(x, (-1,)) for x in jax.tree.leaves(s)])
-
-    return jax.tree.map(ravel, opt_state, is_leaf=like_params)
 
 
 def reset_adam_state(opt_state: optax.OptState, reset: jax.Array) -> optax.OptState:
@@ -240,28 +223,10 @@ def restore_train_state(
     sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, dict]:
     """``(state, progress)`` of checkpoint ``step``, every array placed with ``sharding``
-    (default: the first local device).
-
-    Checkpoints written before the optimizer state became flat (`create_optimizer`) hold
-    per-array Adam moments; they are read as such and converted (`flatten_opt_state`), so
-    older runs still resume and evaluate.
-    """
+    (default: the first local device)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target(flat: bool) -> TrainState:
-        tx = create_optimizer(config, schedule, flat=flat)
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-            abstract_train_state(model, tx, image_shape),
-        )
-
-    current = target(True)
-    try:
-        return checkpointing.restore(manager, step, current)
-    except ValueError as err:
-        try:
-            state, progress = checkpointing.restore(manager, step, target(False))
-        except ValueError:
-            raise err from None
-    opt_state = jax.device_put(flatten_opt_state(state.opt_state, state.params), sharding)
-    return state.replace(tx=current.tx, opt_state=opt_state), progress
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract_train_state(model, create_optimizer(config, schedule), image_shape),
+    )
+    return checkpointing.restore(manager, step, target)

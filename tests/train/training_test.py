@@ -42,7 +42,6 @@ from neural_epdo_jax.train.state import (
     create_model,
     create_optimizer,
     create_train_state,
-    flatten_opt_state,
     reset_adam_state,
     restore_train_state,
 )
@@ -211,7 +210,6 @@ class OptimizerTest(absltest.TestCase):
             )
             chex.assert_trees_all_close(u_flat, u_arr, rtol=1e-6, atol=1e-9)
             params = optax.apply_updates(params, u_flat)
-        chex.assert_trees_all_close(states[0], flatten_opt_state(states[1], params), rtol=1e-6)
 
     def test_reset_adam_state_keeps_schedule_count(self):
         config = default_config.get_config()
@@ -234,40 +232,28 @@ class OptimizerTest(absltest.TestCase):
         self.assertIn(3, counts)  # The schedule's count.
 
 
-class LegacyCheckpointTest(absltest.TestCase):
-    """Checkpoints written with per-array Adam moments (before the flat optimizer state)."""
-
+class RestoreTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
         self.config = test_config.get_config()
         self.schedule = create_learning_rate_schedule(self.config, 3)
-        tx = create_optimizer(self.config, self.schedule, flat=False)
+        tx = create_optimizer(self.config, self.schedule)
         state = create_train_state(jax.random.key(0), _TinyNet(), tx, (8, 8, 1))
-        self.legacy, _ = jax.jit(train_step)(state, _batch(), jax.random.key(1))
+        self.saved, _ = jax.jit(train_step)(state, _batch(), jax.random.key(1))
         workdir = self.enter_context(tempfile.TemporaryDirectory())
         self.manager = checkpointing.create_manager(workdir)
         self.addCleanup(self.manager.close)
-        checkpointing.save(self.manager, 1, self.legacy, {"epoch": 1})
+        checkpointing.save(self.manager, 1, self.saved, {"epoch": 1})
 
-    def test_restores_as_the_flat_state(self):
+    def test_restores_the_saved_state(self):
         state, progress = restore_train_state(
             self.manager, 1, _TinyNet(), self.config, self.schedule, (8, 8, 1)
         )
         self.assertEqual(progress, {"epoch": 1})
-        chex.assert_trees_all_equal(state.params, self.legacy.params)
-        mu = state.opt_state[1].mu
-        self.assertEqual(mu.shape, (sum(x.size for x in jax.tree.leaves(state.params)),))
-        self.assertGreater(float(jnp.abs(mu).sum()), 0.0)
-        chex.assert_trees_all_equal(
-            state.opt_state, flatten_opt_state(self.legacy.opt_state, state.params)
-        )
-        # It trains on with the flat optimizer, as the per-array one would have.
-        batch, rng = _batch(seed=1), jax.random.key(2)
-        new, _ = jax.jit(train_step)(state, batch, rng)
-        old, _ = jax.jit(train_step)(self.legacy, batch, rng)
-        chex.assert_trees_all_close(new.params, old.params, rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_equal(state.params, self.saved.params)
+        chex.assert_trees_all_equal(state.opt_state, self.saved.opt_state)
 
-    def test_other_mismatches_keep_their_error(self):
+    def test_another_model_is_refused(self):
         class Wider(_TinyNet):
             @nn.compact
             def __call__(self, x, *, train, mask=None):
