@@ -1,17 +1,18 @@
 """Data parallelism: the batch split over a 'data' axis of devices, the result the one-device
 step's.
 
-The steps of `training` are written per device (SPMD): given ``axis_name``, they run inside
-``jax.shard_map`` over that axis, each device on its rows of the batch, and sum losses,
-gradients and metrics over the axis; BatchNorm gathers the per-example moments of the
-whole batch (`layers.FieldBatchNorm`). Random draws
+The train and eval steps (`train.steps`) are written per device (SPMD): given
+``axis_name``, they run inside ``jax.shard_map`` over that axis, each device on its rows of
+the batch, and sum losses, gradients and metrics over the axis; BatchNorm gathers the
+per-example moments of the whole batch (`layers.FieldBatchNorm`). Random draws
 (augmentation angles, dropout masks) are made for the whole batch and sliced
 (:func:`batch_rows`), so a step on D devices equals the one-device step up to the order of
 float summation.
 
 On CPU the same code runs the cores in parallel: XLA runs one CPU device's program mostly on
 one core, so the entry points (train.py, the evaluation and benchmark commands) split the
-host into one device per core (:func:`use_cpu_cores`) before JAX starts (gain: see
+host into one device per core (:func:`use_cpu_cores`, through `host.setup_host`) before JAX
+starts (gain: see
 docs/performance.md, "Both cores").
 """
 

@@ -207,7 +207,7 @@ def jit_data_parallel(
     donate_state: bool = False,
 ) -> Callable:
     """``step(state, batch, *rest)`` jitted. With a data mesh (``sharding``, from
-    `input_pipeline.data_mesh_sharding`) it runs per device: ``jax.shard_map`` splits the
+    `pipeline.data_mesh_sharding`) it runs per device: ``jax.shard_map`` splits the
     batch (every array of ``batch`` along its first axis) over the mesh, replicates
     ``state`` and ``rest``, and calls ``step(..., axis_name=<the mesh axis>)``, which must sum
     its outputs over that axis (as `train_step` and `eval_step` do); the outputs are
