@@ -29,7 +29,7 @@ setup() {
 # A persistent XLA compilation cache makes reruns (and CI reruns) start fast.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/neural_epdo_jax/xla}
 export PYTHONUNBUFFERED=1
-# Transparent huge pages for XLA's CPU buffers (neural_epdo_jax/hostmem.py: fewer page
+# Transparent huge pages for XLA's CPU buffers (neural_epdo_jax/runtime/hostmem.py: fewer page
 # faults, faster steps). NEURAL_EPDO_JAX_HUGE_PAGES=0 opts out; glibc < 2.35 ignores it.
 if [ "${NEURAL_EPDO_JAX_HUGE_PAGES:-1}" != 0 ] && [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then
   export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
@@ -40,7 +40,7 @@ cmd=${1:-}
 case "$cmd" in
   setup) setup ;;
   train) setup; exec "$PY" train.py "$@" ;;
-  eval) setup; exec "$PY" -m neural_epdo_jax.evaluate "$@" ;;
+  eval) setup; exec "$PY" -m neural_epdo_jax.tools.evaluate "$@" ;;
   test) setup; exec "$PY" -m pytest tests -q -n 2 "$@" ;;
   bench)
     setup

@@ -1,8 +1,8 @@
-"""Trains (or evaluates) a Neural ePDO network; all logic lives in neural_epdo_jax.training.
+"""Trains (or evaluates) a Neural ePDO network; all logic lives in neural_epdo_jax.train.
 
   python train.py                                    # configs/default.py -> runs/default
   python train.py --config=configs/mnist_rot_regular_fd.py --config.num_epochs=10
-  python train.py --mode=eval --workdir=runs/default # = python -m neural_epdo_jax.evaluate
+  python train.py --mode=eval --workdir=runs/default # = python -m neural_epdo_jax.tools.evaluate
 
 Rerunning a command resumes from the latest checkpoint in its workdir (default
 runs/<config file stem>); a workdir trained with a different config is refused.
@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string(
@@ -112,14 +112,22 @@ def _load_config():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax logs a lot.
     # Imported here so that --help and flag errors do not wait for JAX.
-    from neural_epdo_jax import checkpointing, datasets, evaluate, parallel, training, workdir_lock
+    from neural_epdo_jax.runtime.host import setup_host
+
+    setup_host(cpu_devices=_CPU_DEVICES.value, compilation_cache=_CACHE.value)
+    from neural_epdo_jax.data import sources
+    from neural_epdo_jax.tools import evaluate
+    from neural_epdo_jax.train import checkpointing, workdir_lock
+    from neural_epdo_jax.train.loop import (
+        NonFiniteLossError,
+        initialize_distributed,
+        train_and_evaluate,
+    )
+    from neural_epdo_jax.train.metrics import summary_line
+    from neural_epdo_jax.train.state import ConfigError
 
     config = _load_config() if _MODE.value == "train" else None
-    parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts
-    training.use_compilation_cache(_CACHE.value)
     explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if any(value is not None for value in explicit):
         if config is None or not config.distributed:
@@ -127,7 +135,7 @@ def main(argv: list[str]) -> None:
                 "train.py: error: --coordinator_address/--num_processes/--process_id need "
                 "--config.distributed=True."
             )
-        training.initialize_distributed(*explicit)
+        initialize_distributed(*explicit)
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = os.path.splitext(os.path.basename(config_file))[0]
@@ -136,20 +144,20 @@ def main(argv: list[str]) -> None:
         if _MODE.value == "eval":
             evaluate.run(workdir)
             return
-        result = training.train_and_evaluate(config, workdir)
-    except training.NonFiniteLossError as e:
+        result = train_and_evaluate(config, workdir)
+    except NonFiniteLossError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(EXIT_NON_FINITE)
     except (
-        training.ConfigError,
+        ConfigError,
         checkpointing.IncompatibleWorkdirError,
         checkpointing.NoCheckpointError,
         checkpointing.UnreadableWorkdirError,
-        datasets.DataError,
+        sources.DataError,
         workdir_lock.WorkdirLockedError,
     ) as e:
         sys.exit(f"train.py: error: {e}")
-    print(training.summary_line(result), flush=True)
+    print(summary_line(result), flush=True)
     if result["interrupted"]:
         name = signal.Signals(result["signal"]).name
         command = shlex.join(["python", *sys.argv])
@@ -162,7 +170,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from neural_epdo_jax import hostmem
-
-    hostmem.reexec_with_huge_pages()  # faster CPU steps; before anything else starts
     app.run(main, flags_parser=_parse_flags)

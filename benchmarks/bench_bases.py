@@ -75,6 +75,9 @@ def run_child(name: str) -> dict:
 
 def main(argv):
     del argv
+    from neural_epdo_jax.runtime.host import setup_host
+
+    setup_host()
     if _CHILD.value:
         print("RESULT " + json.dumps(run_child(_CHILD.value)), flush=True)
         return

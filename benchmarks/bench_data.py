@@ -6,7 +6,7 @@
 Prints one table. The build is cold (a fresh temporary data_dir). "first read" goes through the
 array_record data source and fills the .npy cache; "cached read" loads that cache. Pipeline
 throughput: one epoch of 12,000 examples (the MNIST-rot train size: the 4,000 bundled train
-digits three times) in batches of 64 through ``input_pipeline.epoch_batches`` (shuffled,
+digits three times) in batches of 64 through ``pipeline.epoch_batches`` (shuffled,
 prefetched to device) and the jitted ``augment.augment``, timed after a warm-up epoch that
 compiles. The synthetic MNIST-rot has the real files' shape (12,000 and 50,000 rows of 785
 numbers, 80% zeros) with random values, to time parsing and preparation at full size.
@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from neural_epdo_jax import augment, datasets, input_pipeline  # noqa: E402
+from neural_epdo_jax.data import augment, pipeline, sources  # noqa: E402
+from neural_epdo_jax.runtime.host import setup_host  # noqa: E402
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Pipeline batch size.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 12_000, "Examples per pipeline epoch.")
@@ -45,7 +46,7 @@ def _pipeline_rate(images, labels, method: str, batch_size: int) -> float:
 
     def epoch(e: int) -> None:
         out = None
-        batches = input_pipeline.epoch_batches(images, labels, batch_size, shuffle=True, epoch=e)
+        batches = pipeline.epoch_batches(images, labels, batch_size, shuffle=True, epoch=e)
         for step, batch in enumerate(batches):
             out = augment_fn(jax.random.fold_in(key, step), batch["image"], method)
         jax.block_until_ready(out)
@@ -57,27 +58,28 @@ def _pipeline_rate(images, labels, method: str, batch_size: int) -> float:
 
 def _synthetic_mnist_rot(directory: str) -> None:
     rng = np.random.default_rng(0)
-    for split, rows in datasets.MNIST_ROT_NUM_ROWS.items():
+    for split, rows in sources.MNIST_ROT_NUM_ROWS.items():
         pixels = rng.random((rows, 784))
         pixels[pixels < 0.8] = 0.0
         table = np.concatenate([pixels, rng.integers(0, 10, (rows, 1))], axis=1)
-        np.savetxt(os.path.join(directory, datasets.MNIST_ROT_FILES[split]), table, fmt="%.9g")
+        np.savetxt(os.path.join(directory, sources.MNIST_ROT_FILES[split]), table, fmt="%.9g")
 
 
 def main(argv):
     del argv
+    setup_host()
     rows = []
     with tempfile.TemporaryDirectory() as data_dir:
-        _, seconds = _timed(lambda: datasets.prepare("rotated_digits", data_dir=data_dir))
+        _, seconds = _timed(lambda: sources.prepare("rotated_digits", data_dir=data_dir))
         rows.append(("rotated_digits: build (cold, 5,000 rotations + array_record)", seconds, "s"))
         for split in ("train", "test"):
             for kind in ("first read", "cached read"):
                 (images, _), seconds = _timed(
-                    lambda split=split: datasets.load("rotated_digits", split, data_dir=data_dir)
+                    lambda split=split: sources.load("rotated_digits", split, data_dir=data_dir)
                 )
                 rows.append((f"rotated_digits: {kind} {split} ({len(images)})", seconds, "s"))
 
-        images, labels = datasets.load("rotated_digits", "train", data_dir=data_dir)
+        images, labels = sources.load("rotated_digits", "train", data_dir=data_dir)
         reps = -(-_NUM_EXAMPLES.value // images.shape[0])
         images = np.concatenate([images] * reps)[: _NUM_EXAMPLES.value]
         labels = np.concatenate([labels] * reps)[: _NUM_EXAMPLES.value]
@@ -90,16 +92,16 @@ def main(argv):
             source = os.path.join(data_dir, "amat")
             os.makedirs(source)
             _synthetic_mnist_rot(source)
-            for split, name in datasets.MNIST_ROT_FILES.items():
+            for split, name in sources.MNIST_ROT_FILES.items():
                 data = open(os.path.join(source, name), "rb").read()
-                _, seconds = _timed(lambda data=data, name=name: datasets.parse_amat(data, name))
+                _, seconds = _timed(lambda data=data, name=name: sources.parse_amat(data, name))
                 rows.append((f"mnist_rot (synthetic): parse {split} .amat", seconds, "s"))
             _, seconds = _timed(
-                lambda: datasets.prepare("mnist_rot", data_dir=data_dir, manual_dir=source)
+                lambda: sources.prepare("mnist_rot", data_dir=data_dir, manual_dir=source)
             )
             rows.append(("mnist_rot (synthetic): build (parse both + array_record)", seconds, "s"))
             for kind in ("first read", "cached read"):
-                _, seconds = _timed(lambda: datasets.load("mnist_rot", "test", data_dir=data_dir))
+                _, seconds = _timed(lambda: sources.load("mnist_rot", "test", data_dir=data_dir))
                 rows.append((f"mnist_rot (synthetic): {kind} test (50000)", seconds, "s"))
 
     device = jax.devices()[0]

@@ -6,7 +6,7 @@
 
 Each variant runs in a fresh subprocess (so its peak RSS is its own) that builds the bases,
 initialises the model (jitted, on one small input), compiles the training step
-(``training.train_step``: forward + backward + Adam update, no augmentation) and the eval step,
+(``train.steps.train_step``: forward + backward + Adam update, no augmentation) and the eval step,
 times ``--steps`` steps after one warm-up step each and reports medians. Like train.py it
 splits a CPU host into one JAX device per core and runs the steps data-parallel
 (``--cpu_devices=1``: one device). "GFLOP/s" is XLA's cost analysis of the straightforward
@@ -16,7 +16,7 @@ divided by the median step time, next to the rate of one large float32 matmul me
 same subprocess afterwards: the fraction shows how far the step is from the machine's
 dense-matmul speed. Peak RSS is VmHWM after training (train) and after evaluation (+eval);
 after each compilation the benchmark, like train.py, returns the compiler's freed heap to the
-OS (`training.release_free_memory`). Timings on a shared machine are noisy: the load average is
+OS (`runtime.host.release_free_memory`). Timings on a shared machine are noisy: the load average is
 printed with the table. The persistent compilation cache is off in the subprocesses, so compile
 times and peaks are cold. On CPU the Neural ePDO layers use the fused C++ kernel of
 `neural_epdo_jax.layers.ops.cpu_kernel`;
@@ -136,16 +136,24 @@ def run_child(name: str) -> dict:
     import jax.numpy as jnp
 
     from configs import default as default_config
-    from neural_epdo_jax import input_pipeline, models, parallel, training
+    from neural_epdo_jax import models
+    from neural_epdo_jax.data import pipeline
+    from neural_epdo_jax.runtime.host import release_free_memory, setup_host
+    from neural_epdo_jax.train.state import (
+        create_learning_rate_schedule,
+        create_optimizer,
+        create_train_state,
+    )
+    from neural_epdo_jax.train.steps import eval_step, jit_data_parallel, replicated, train_step
 
-    parallel.use_cpu_cores(_CPU_DEVICES.value)  # before JAX starts, as train.py does
+    setup_host(cpu_devices=_CPU_DEVICES.value, compilation_cache="")  # as train.py does
     # Cold compiles: a persistent cache (run.sh sets one) would hand back steps compiled by
     # an earlier run, and the compiler's memory peak with them.
     jax.config.update("jax_enable_compilation_cache", False)
     res = {"variant": name, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
     res["import_s"] = time.perf_counter() - t_import
     batches = (_BATCH.value,) + ((_EVAL_BATCH.value,) if _EVAL_BATCH.value > 0 else ())
-    sharding = input_pipeline.data_mesh_sharding(batches)
+    sharding = pipeline.data_mesh_sharding(batches)
     res["devices"] = 1 if sharding is None else sharding.mesh.size
     kwargs = dict(VARIANTS[name], dtype=_DTYPE.value)
     if _IMPL.value:
@@ -165,11 +173,11 @@ def run_child(name: str) -> dict:
 
     # train.py's optimizer (configs/default.py's settings; flat Adam state).
     config = default_config.get_config()
-    tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 188))
+    tx = create_optimizer(config, create_learning_rate_schedule(config, 188))
     t0 = time.perf_counter()
-    state = training.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+    state = create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
     if sharding is not None:
-        state = jax.device_put(state, training.replicated(sharding))
+        state = jax.device_put(state, replicated(sharding))
     jax.block_until_ready(state)
     res["init_s"] = time.perf_counter() - t0
     res["params"] = models.count_params(state.params)
@@ -186,7 +194,7 @@ def run_child(name: str) -> dict:
     batch = jax.device_put(batch_of(_BATCH.value, 0), sharding)
 
     def step_fn(state, batch, rng, axis_name=None):
-        return training.train_step(state, batch, rng, augmentation="none", axis_name=axis_name)
+        return train_step(state, batch, rng, augmentation="none", axis_name=axis_name)
 
     def flops(fn, *args, key):
         one = jax.devices()[0]
@@ -199,10 +207,10 @@ def run_child(name: str) -> dict:
         }
 
     t0 = time.perf_counter()
-    step = training.jit_data_parallel(step_fn, sharding, donate_state=True)
+    step = jit_data_parallel(step_fn, sharding, donate_state=True)
     compiled = step.lower(state, batch, rng).compile()
     res["compile_train_s"] = time.perf_counter() - t0
-    training.release_free_memory()  # as train.py does after compiling
+    release_free_memory()  # as train.py does after compiling
 
     holder = {"state": state}
 
@@ -220,13 +228,9 @@ def run_child(name: str) -> dict:
     if _EVAL_BATCH.value > 0:
         ebatch = jax.device_put(batch_of(_EVAL_BATCH.value, 1), sharding)
         t0 = time.perf_counter()
-        ecompiled = (
-            training.jit_data_parallel(training.eval_step, sharding)
-            .lower(holder["state"], ebatch)
-            .compile()
-        )
+        ecompiled = jit_data_parallel(eval_step, sharding).lower(holder["state"], ebatch).compile()
         res["compile_eval_s"] = time.perf_counter() - t0
-        training.release_free_memory()
+        release_free_memory()
         run_eval = lambda: jax.block_until_ready(ecompiled(holder["state"], ebatch))
         run_eval()
         etimes = _time_steps(run_eval, max(2, _STEPS.value))
@@ -237,7 +241,7 @@ def run_child(name: str) -> dict:
     # After the peak-RSS readings: lowering the straightforward formulation has its own.
     res.update(flops(step_fn, holder["state"], batch, rng, key="train"))
     if _EVAL_BATCH.value > 0:
-        res.update(flops(training.eval_step, holder["state"], ebatch, key="eval"))
+        res.update(flops(eval_step, holder["state"], ebatch, key="eval"))
     for key in ("train", "eval"):
         if f"{key}_step_s" in res:
             for run in ("", "_run"):
@@ -272,6 +276,10 @@ def _row(r: dict) -> str:
 
 def main(argv):
     del argv
+    from neural_epdo_jax.runtime.host import setup_host
+
+    # Huge pages as train.py; the variants' subprocesses inherit them.
+    setup_host(compilation_cache="")
     if _CHILD.value:
         print("RESULT " + json.dumps(run_child(_CHILD.value)), flush=True)
         return
@@ -320,7 +328,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from neural_epdo_jax import hostmem
-
-    hostmem.reexec_with_huge_pages()  # as train.py; the variants' subprocesses inherit it
     app.run(main)

@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from neural_epdo_jax import models  # noqa: E402
+from neural_epdo_jax.runtime.host import setup_host  # noqa: E402
 
 VARIANTS = {k: v for k, v in models.PAPER_VARIANTS.items() if k != "PDO-eConv"}
 # (dtype, train batch, eval batch), most important first: the budget may cut the tail.
@@ -110,7 +111,7 @@ class Bench:
         self.x = jax.random.uniform(key, (batch, 28, 28, 1))
         self.y = jax.random.randint(key, (batch,), 0, 10)
         variables = jax.jit(functools.partial(model.init, train=False))(key, self.x[:2])
-        # Flat Adam state, as train.py (`training.create_optimizer`).
+        # Flat Adam state, as train.py (`train.state.create_optimizer`).
         tx = optax.flatten(
             optax.chain(optax.add_decayed_weights(1e-4), optax.scale_by_adam(), optax.scale(-2e-3))
         )
@@ -327,6 +328,7 @@ def main() -> None:
     ap.add_argument("--eval_batches", default="1024,4096", help="--focus's extra eval batches")
     ap.add_argument("--profile_calls", type=int, default=10)
     args = ap.parse_args()
+    setup_host(quiet=False)
     print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.devices()}")
     keep_busy(args.warmup_s)
     start = time.perf_counter()

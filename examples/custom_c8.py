@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neural_epdo_jax import datasets, layers, testing
+from neural_epdo_jax import layers, testing
 from neural_epdo_jax.core import fields, groups
+from neural_epdo_jax.data import sources
+from neural_epdo_jax.runtime.host import setup_host
 
 
 class C8Net(nn.Module):
@@ -88,7 +90,7 @@ def load_data(kind: str, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     ('digits', a seeded subset) or random blobs with random labels ('random')."""
     rng = np.random.default_rng(seed)
     if kind == "digits":
-        images, labels = datasets.load("rotated_digits", "train")
+        images, labels = sources.load("rotated_digits", "train")
         keep = rng.permutation(len(images))[:num]
         return images[keep], labels[keep]
     if kind == "random":
@@ -205,6 +207,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", choices=("digits", "random"), default="digits")
     parser.add_argument("--learning_rate", type=float, default=1e-2)
     args = parser.parse_args()
+    setup_host(quiet=False)
     main(
         steps=args.steps,
         batch_size=args.batch_size,

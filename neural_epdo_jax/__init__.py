@@ -4,15 +4,17 @@ The package is a one-way stack, each part importing only from the ones before it
 
 * `neural_epdo_jax.core`: groups, field types, stencils, the group-Fourier transform and
   the equivariant bases (pure numpy);
+* `neural_epdo_jax.runtime`: host setup, CPU devices and data parallelism;
 * `neural_epdo_jax.layers`: Flax layers built on those bases (`layers.ops`: their numerical
   kernels);
 * `models` / `variants`: the paper's networks;
-* data (`datasets`, `input_pipeline`, `augment`), training (`training`, `checkpointing`,
-  `parallel`, `hostmem`) and tools (`evaluate`, `report`, `export`).
+* `data` (sources, pipeline, augmentation), `train` (state, steps, loop, metrics,
+  checkpointing) and `tools` (the ``python -m`` command lines: evaluate, report, export,
+  convert, study).
 
 The main public names are importable from the package itself (``from neural_epdo_jax import
 NeuralEPDO``). They are loaded on first use, so ``import neural_epdo_jax.variants`` or
-``neural_epdo_jax.hostmem`` does not import JAX.
+``neural_epdo_jax.runtime.hostmem`` does not import JAX.
 """
 
 import importlib
@@ -43,19 +45,15 @@ _EXPORTS = {
     "assert_equivariant": "testing",
     "equivariance_errors": "testing",
     "equivariance_error_at_angle": "testing",
-    "train_and_evaluate": "training",
+    "train_and_evaluate": "train.loop",
 }
-# The core modules under short names: ``from neural_epdo_jax import fields, groups``.
-_CORE_MODULES = ("groups", "fields", "stencils", "fourier", "bases")
 
-__all__ = sorted(_EXPORTS) + list(_CORE_MODULES)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    elif name in _CORE_MODULES:
-        value = importlib.import_module(f"{__name__}.core.{name}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

@@ -31,7 +31,7 @@ class CNN(nn.Module):
     Convolutions use PyTorch's default initialisation, as the head (`layers.TorchDense`).
 
     ``axis_name``: the data-parallel axis when the batch is split over devices (BatchNorm
-    statistics and dropout masks of the whole batch; see `training.jit_data_parallel`).
+    statistics and dropout masks of the whole batch; see `train.steps.jit_data_parallel`).
     """
 
     channels: Sequence[int] = (20, 28, 36, 36, 56, 76)

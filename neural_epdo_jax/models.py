@@ -10,8 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import layers, parallel, variants
+from neural_epdo_jax import layers, variants
 from neural_epdo_jax.core import fields, groups, stencils
+from neural_epdo_jax.runtime import parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,7 @@ class NeuralEPDONet(nn.Module):
         """[B, H, W, 1] images -> [B, num_classes] float32 logits (invariant).
 
         ``mask`` [B] (training): 0 marks padding rows, which then do not enter the batch
-        statistics (`layers.FieldBatchNorm`); `training.train_step` passes the batch's mask.
+        statistics (`layers.FieldBatchNorm`); `train.steps.train_step` passes the batch's mask.
         """
         if x.ndim != 4 or x.shape[-1] != 1:
             raise ValueError(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neural_epdo_jax.core import fields, groups
+from neural_epdo_jax.data import augment
 
 
 def _act(x: jax.Array, ftype: fields.FieldType | None, group: groups.Group, g, *, spatial: bool):
@@ -91,21 +92,11 @@ def assert_equivariant(
     return errs
 
 
-def rotate_image(x: jax.Array, angle: float, *, order: int = 1) -> jax.Array:
-    """Rotate NHWC images counter-clockwise (as displayed) by ``angle`` radians about the
-    centre, with interpolation (``order`` 0 or 1) and zero fill."""
-    h, w = x.shape[-3], x.shape[-2]
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
-    # Output pixel p samples the input at g^-1 p (x right, y up).
-    xo, yo = cols - cx, cy - rows
-    c, s = np.cos(angle), np.sin(angle)
-    xi, yi = c * xo + s * yo, -s * xo + c * yo
-    coords = [cy - yi, cx + xi]
-    flat = x.reshape((-1, h, w, x.shape[-1]))
-    sample = lambda img: jax.scipy.ndimage.map_coordinates(img, coords, order=order, cval=0.0)
-    out = jax.vmap(jax.vmap(sample, in_axes=-1, out_axes=-1))(flat)
-    return out.reshape(x.shape)
+def _rotate(x: jax.Array, angle: float) -> jax.Array:
+    """``x`` [..., H, W, C] rotated counter-clockwise by ``angle`` radians (`augment.rotate`:
+    bilinear, zero fill, about the centre)."""
+    flat = x.reshape((-1, *x.shape[-3:]))
+    return augment.rotate(flat, jnp.full(flat.shape[:1], angle), order=1).reshape(x.shape)
 
 
 def disc_mask(h: int, w: int, radius_fraction: float = 0.8) -> np.ndarray:
@@ -135,12 +126,12 @@ def equivariance_error_at_angle(
     group = group or (in_type or out_type).group
     g = (0, k % group.n)
     angle = 2 * np.pi * k / group.n
-    gx = rotate_image(x, angle)
+    gx = _rotate(x, angle)
     if in_type is not None:
         gx = in_type.act_on_channels(gx, g)
     fx = fn(x)
     if spatial_output:
-        expect = rotate_image(fx, angle)
+        expect = _rotate(fx, angle)
         if out_type is not None:
             expect = out_type.act_on_channels(expect, g)
         mask = disc_mask(fx.shape[-3], fx.shape[-2], radius_fraction)[..., None]

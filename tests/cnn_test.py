@@ -13,8 +13,11 @@ import pytest
 
 from configs import cnn_baseline
 from configs import test as test_config
-from neural_epdo_jax import cnn, evaluate, models, testing, training
+from neural_epdo_jax import cnn, models, testing
 from neural_epdo_jax.core import groups
+from neural_epdo_jax.tools import evaluate
+from neural_epdo_jax.train.loop import train_and_evaluate
+from neural_epdo_jax.train.state import create_model
 
 R_GAUSS_PARAMETERS = 234_186  # the reference's count (tests/models_test.py checks ours)
 
@@ -32,7 +35,7 @@ def _count(model):
 
 
 def test_baseline_parameters_within_5_percent_of_r_gauss():
-    model = training.create_model(cnn_baseline.get_config())
+    model = create_model(cnn_baseline.get_config())
     assert isinstance(model, cnn.CNN)
     # 6 convs 5x5 without bias: 25 (1*20 + 20*28 + 28*36 + 36*36 + 36*56 + 56*76) = 228,900;
     # BatchNorms 2 (20 + 28 + 36 + 36 + 56 + 76) = 504; head 76*64 + 64 + 2*64 + 64*10 + 10.
@@ -142,8 +145,8 @@ def test_trains_evaluates_and_sweeps_through_the_config_path(tmp_path):
     config.model.channels = (4, 4, 4, 4, 4, 4)
     config.num_epochs = 1
     workdir = str(tmp_path / "cnn")
-    result = training.train_and_evaluate(config, workdir)
-    assert result["num_params"] == _count(training.create_model(config))
+    result = train_and_evaluate(config, workdir)
+    assert result["num_params"] == _count(create_model(config))
     assert 0.0 <= result["test_accuracy"] <= 1.0
     sweep = evaluate.run(workdir, checkpoint="latest", angle_step_degrees=90)
     assert sweep["angles_degrees"] == [0.0, 90.0, 180.0, 270.0]

@@ -15,8 +15,16 @@ from absl.testing import absltest
 from ml_collections import config_flags
 
 from configs import test as test_config
-from neural_epdo_jax import export, layers, models, testing, training
+from neural_epdo_jax import layers, models, testing
 from neural_epdo_jax.core import bases, fields, groups, stencils
+from neural_epdo_jax.tools import export
+from neural_epdo_jax.train.state import (
+    ConfigError,
+    abstract_train_state,
+    create_learning_rate_schedule,
+    create_optimizer,
+    validate_config,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 O0 = {"xla_backend_optimization_level": 0}  # one-off compiles: compile time dominates
@@ -68,7 +76,7 @@ class CustomDiscretisationTest(absltest.TestCase):
     def test_registered_name_from_a_config_override(self):
         config = parse_overrides("--config.model.discretisation=wide-gauss")
         self.assertEqual(config.model.discretisation, "wide-gauss")
-        model = training.validate_config(config)
+        model = validate_config(config)
         self.assertEqual(model.discretisation, "wide-gauss")
         # The model's bases are built from the user's stencils, not gauss's.
         size, order = config.model.kernel_size, config.model.order
@@ -91,8 +99,8 @@ class CustomDiscretisationTest(absltest.TestCase):
 
     def test_unregistered_name_is_a_config_error(self):
         config = parse_overrides("--config.model.discretisation=no-such-stencils")
-        with self.assertRaisesRegex(training.ConfigError, "no-such-stencils.*wide-gauss"):
-            training.validate_config(config)
+        with self.assertRaisesRegex(ConfigError, "no-such-stencils.*wide-gauss"):
+            validate_config(config)
 
 
 class BadDiscretisationTest(absltest.TestCase):
@@ -134,12 +142,12 @@ class BadDiscretisationTest(absltest.TestCase):
         register("bad-shape", lambda max_order, size: np.zeros((3, size, size)))
         config = test_config.get_config()
         config.model.discretisation = "bad-shape"
-        tx = training.create_optimizer(config, training.create_learning_rate_schedule(config, 1))
+        tx = create_optimizer(config, create_learning_rate_schedule(config, 1))
         # The name is registered, so validate_config may accept it (today the stencils are
         # only built with the bases); building the state must then fail, naming the problem.
         with self.assertRaisesRegex(ValueError, "'bad-shape' returned stencils of shape"):
-            model = training.validate_config(config)
-            training.abstract_train_state(model, tx, (28, 28, 1))
+            model = validate_config(config)
+            abstract_train_state(model, tx, (28, 28, 1))
 
 
 class CustomGroupFieldsKernelTest(absltest.TestCase):

@@ -13,9 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from neural_epdo_jax import layers, models, testing, training
+from neural_epdo_jax import layers, models, testing
 from neural_epdo_jax.core import bases, fields, fourier, groups
 from neural_epdo_jax.layers.ops import blocks, cpu_kernel
+from neural_epdo_jax.train.steps import step_compiler_options
 
 KEY = jax.random.PRNGKey(0)
 
@@ -96,8 +97,8 @@ def test_fourier_matches_dense_model(name):
         return model.apply(variables, x, train=False), train_logits, grads
 
     eval_d, train_d, grads_d = jax.jit(lambda: outputs(dense))()
-    # The fast path compiled as the training steps are (`training.step_compiler_options`).
-    opts = training.step_compiler_options()
+    # The fast path compiled as the training steps are (`train.steps.step_compiler_options`).
+    opts = step_compiler_options()
     eval_f, train_f, grads_f = jax.jit(lambda: outputs(fast), compiler_options=opts)()
     assert float(jnp.std(eval_d, axis=0).mean()) > 1e-3  # the logits depend on the input
     assert _rel(eval_d, eval_f) < 1e-4

@@ -1,1 +1,1 @@
-"""Study files for `python -m neural_epdo_jax.study`: one ``get_config()`` per file."""
+"""Study files for `python -m neural_epdo_jax.tools.study`: one ``get_config()`` per file."""

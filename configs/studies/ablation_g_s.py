@@ -1,6 +1,6 @@
 """Ablation of the Neural ePDO's own hyper-parameters around the CPU default.
 
-  python -m neural_epdo_jax.study --study=configs/studies/ablation_g_s.py \
+  python -m neural_epdo_jax.tools.study --study=configs/studies/ablation_g_s.py \
       --workdir=runs/studies/ablation_g_s
 
 The default network of configs/default.py (C8 regular fields 8, 8, 12, 12, 16, 16; order 4,

@@ -1,6 +1,6 @@
 """Neural ePDO against linear ePDOs (PDO-eConv) against a plain CNN, on the bundled digits.
 
-  python -m neural_epdo_jax.study --study=configs/studies/neural_vs_linear.py \
+  python -m neural_epdo_jax.tools.study --study=configs/studies/neural_vs_linear.py \
       --workdir=runs/studies/neural_vs_linear
 
 The paper's two comparative claims at CPU-friendly width, 3 seeds per model:

@@ -1,12 +1,12 @@
 """The paper's four MNIST-rot networks, PDO-eConv and the CNN baseline, full protocol.
 
-  python -m neural_epdo_jax.study --study=configs/studies/paper_variants.py \
+  python -m neural_epdo_jax.tools.study --study=configs/studies/paper_variants.py \
       --workdir=runs/studies/paper_variants
 
 R-fd, R-gauss, Q-gauss, D-gauss (configs/mnist_rot_*.py), the linear PDO-eConv baseline
 (configs/mnist_rot_pdo_econv.py) and the plain CNN with R-gauss's parameter count
 (configs/cnn_baseline.py), each with the paper's protocol: MNIST-rot (needs
-`mnist_rotation_new.zip`, see neural_epdo_jax/datasets.py), 199 epochs, 3 seeds. Each
+`mnist_rotation_new.zip`, see neural_epdo_jax/data/sources.py), 199 epochs, 3 seeds. Each
 finished run is also evaluated on a fixed subset of 10,000 test images rotated by every 15
 degrees.
 

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neural_epdo_jax import parallel
 from neural_epdo_jax.core import fields
+from neural_epdo_jax.runtime import parallel
 
 
 class ChannelDropout(nn.Module):

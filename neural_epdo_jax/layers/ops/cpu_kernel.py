@@ -18,7 +18,7 @@ a few seconds. ``NEURAL_EPDO_JAX_CPU_KERNELS=0`` turns the kernels off
 formulation is used.
 
 Serialising a traced model with ``jax.export`` refuses custom calls: trace it inside
-`disabled()`, or use `export.save`, whose frozen network does not use this op's kernel.
+`disabled()`, or use `tools.export.save`, whose frozen network does not use this op's kernel.
 """
 
 from __future__ import annotations
