@@ -24,33 +24,11 @@ variant trained at least as fast as the default did there (49-90 against 49-82 i
 
 import ml_collections
 
-# The default config's protocol and model, pinned so that the study keeps measuring the
-# same thing when configs/default.py changes.
-PROTOCOL = dict(
-    dataset="rotated_digits",
-    num_train_examples=-1,
-    num_test_examples=-1,
-    augmentation="none",
-    batch_size=32,
-    num_epochs=8,
-    learning_rate=1e-2,
-    weight_decay=1e-4,
-    lr_boundaries_epochs=(8,),
-    lr_scales=(0.1,),
-    eval_from_epoch=1,
-    eval_every_epochs=1,
-    progress_bar=False,
-)
-DEFAULT_MODEL = dict(
-    n=8,
-    field_type="regular",
-    channels=(8, 8, 12, 12, 16, 16),
-    order=4,
-    g=4,
-    s=4,
-    reduction=1,
-    discretisation="fd",
-)
+from configs.studies.neural_vs_linear import NEURAL, PROTOCOL
+
+# The default config's protocol and model as neural_vs_linear pins them, so that both
+# studies keep measuring the same thing when configs/default.py changes.
+DEFAULT_MODEL = dict(NEURAL, reduction=1)
 VARIANTS = {
     "default": dict(),
     "g2_s2": dict(g=2, s=2),
