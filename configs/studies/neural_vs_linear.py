@@ -18,22 +18,15 @@ augmentation, batch 32, 8 epochs, Adam 1e-2 dropped x0.1 for epoch 8, the 1,000 
 every epoch. Each finished run is then evaluated on its test digits rotated by every 22.5
 degrees (last checkpoint): results.md's rotation table and results_rotation.png.
 
-Expected, if the paper's claims hold at this size: neural_epdo above pdo_econv with a
-fifth of its parameters, both above the CNN. Not measured yet (the study's results.md;
-docs/results.md once run); after 2 of the 8 epochs, trial runs of seed 0 stood the other
-way round: PDO-eConv 0.68, CNN 0.56, Neural ePDO 0.47. The bundled digits are rotated
-uniformly at random, so a rotated test set stays uniformly rotated and even the CNN's mean
-accuracy is flat across angles up to noise; what equivariance shows is the quarter-turn
-change: exactly 0 for the C8 models (their predictions do not change under rotations by
-multiples of 90 degrees, exact on the grid), 0.010 for the CNN in the trial. At angles off
-the grid every model sees a doubly interpolated (blurred) image; in the trial the Neural
-ePDO lost far more accuracy there than the others (0.47 at quarter turns, 0.28-0.29 at 30
-and 60 degrees; PDO-eConv 0.68-0.70 and the CNN 0.54-0.58 at every angle).
+Expected (measured, docs/results.md): last-epoch test accuracy neural_epdo 0.9447 ± 0.0038,
+pdo_econv 0.9197 ± 0.0144, cnn 0.8837 ± 0.0059: the paper's ordering. Under quarter turns
+(exact on the grid) the C8 models' accuracy does not change and the CNN's by 0.008; at
+angles off the grid every model sees a doubly interpolated image and the C8 models lose
+1-3 points.
 
-Cost on 2 CPU cores: about 25-30 minutes on an otherwise idle machine, up to twice that on
-a busy one. Estimated from 1-epoch trial runs, not yet measured end to end: per seed about
-2.5 min for neural_epdo (274 training images/s), 4.5 min for pdo_econv (144 images/s),
-half a minute for the CNN, and 1-1.5 min for the three rotation sweeps.
+Cost on 2 CPU cores: about 30 minutes on an idle machine (51 minutes measured while other
+jobs shared the cores): per seed about 2.5-4 min for neural_epdo, 5-10 min for pdo_econv,
+1 min for the CNN, plus the rotation sweeps.
 """
 
 import ml_collections
