@@ -138,3 +138,18 @@ def equivariance_error_at_angle(
         return _rel(np.asarray(fn(gx)) * mask, np.asarray(expect) * mask)
     expect = fx if out_type is None else out_type.act_on_channels(fx, g)
     return _rel(fn(gx), expect)
+
+
+def blob_images(batch: int = 3, seed: int = 0, size: int = 28) -> np.ndarray:
+    """[batch, size, size, 1] float32 images of four soft off-centre blobs each, in [0, 1]:
+    digit-like inputs whose outputs differ between images and change under a quarter turn
+    (unlike white noise or a centred disc), for checks on untrained networks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((batch, size, size, 1), np.float32)
+    lo, hi = 6 * size / 28, 22 * size / 28
+    for b in range(batch):
+        for _ in range(4):
+            cy, cx = rng.uniform(lo, hi, size=2)
+            out[b, :, :, 0] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(4, 12))
+    return np.clip(out, 0, 1)

@@ -44,15 +44,7 @@ def test_baseline_parameters_within_5_percent_of_r_gauss():
 
 
 def _images(batch=4, seed=0):
-    # Off-centre blobs: images that change under a quarter turn.
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    imgs = np.zeros((batch, 28, 28, 1), np.float32)
-    for b in range(batch):
-        for _ in range(4):
-            cy, cx = rng.uniform(6, 22, size=2)
-            imgs[b, :, :, 0] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(4, 12))
-    return jnp.asarray(np.clip(imgs, 0, 1))
+    return jnp.asarray(testing.blob_images(batch, seed))
 
 
 def _generic_logits_fn(model, x):

@@ -91,15 +91,7 @@ def _trained_variables(model, x):
 
 
 def _images(batch=3, seed=0):
-    # Digit-like blobs rather than white noise, so that the logits differ between images.
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    imgs = np.zeros((batch, 28, 28, 1), np.float32)
-    for b in range(batch):
-        for _ in range(4):
-            cy, cx = rng.uniform(6, 22, size=2)
-            imgs[b, :, :, 0] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(4, 12))
-    return jnp.asarray(np.clip(imgs, 0, 1))
+    return jnp.asarray(testing.blob_images(batch, seed))
 
 
 @pytest.mark.parametrize("name", ["R-gauss", "D-gauss"])

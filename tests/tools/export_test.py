@@ -128,15 +128,7 @@ def zero_variables(model):
 
 
 def images(batch=3, seed=0):
-    """Digit-like blobs (not white noise), so that the logits differ between images."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    out = np.zeros((batch, 28, 28, 1), np.float32)
-    for b in range(batch):
-        for _ in range(4):
-            cy, cx = rng.uniform(6, 22, size=2)
-            out[b, :, :, 0] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(4, 12))
-    return np.clip(out, 0, 1)
+    return testing.blob_images(batch, seed)
 
 
 def assert_logits_close(want, got):
