@@ -12,12 +12,12 @@ order (2); Gaussian stencils. g = 8 is left out (it does not divide 12 fields). 
 protocol is the default's, pinned here: all 4,000 bundled rotated digits, 8 epochs, Adam
 1e-2 dropped x0.1 for epoch 8, test accuracy every epoch; 3 seeds per variant.
 
-Expected (measured with one seed, docs/results.md): order 2 loses about 4 points (0.903
-against 0.943), s = 1 gains about 1.5 with twice the generator parameters, and the other
-variants stay within about one seed spread (±0.005) of the default.
+Expected (measured, 3 seeds, docs/results.md): order 2 loses about 4 points (0.906 ± 0.012
+against 0.945 ± 0.004); every other variant stays within the seeds' spread of the default
+(0.940-0.951).
 
-Cost on 2 CPU cores: about 3-5 minutes per run, so about 1 to 1.5 hours for the 21 runs
-(the 7 runs of one seed took 32 minutes while other jobs shared the cores).
+Cost on 2 CPU cores: about 2.5-3.5 minutes per run, about 1 hour for the 21 runs
+(measured on a lightly shared machine).
 """
 
 import ml_collections
