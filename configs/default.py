@@ -8,7 +8,7 @@ resumes from runs/default.
 Expected: last-epoch test accuracy 0.963 on a 2-core CPU (seed 0). Runs are deterministic on
 one machine; summing in another order (another device count, the XLA formulation instead of
 the C++ kernel) moves it by a few tenths of a point. 20,466 parameters.
-Cost: about 4-5 minutes on 2 idle CPU cores, compilation included.
+Cost: about 3-4 minutes on 2 idle CPU cores (3 min 13 s with the compilation cache warm).
 """
 
 import ml_collections
