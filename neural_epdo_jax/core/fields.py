@@ -20,22 +20,22 @@ from neural_epdo_jax.core import groups
 Unit = tuple[tuple[str, int], ...]
 
 
-def parse_unit(spec) -> Unit:
+def parse_unit(value) -> Unit:
     """``'regular+quo_4'`` or ``(('regular', 1), ('quo_4', 1))`` -> normalised unit tuple."""
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split("+")]
-        if not spec.strip() or any(not p for p in parts):
-            raise ValueError(f"field type {spec!r} is empty or malformed; e.g. 'regular+quo_4'.")
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split("+")]
+        if not value.strip() or any(not p for p in parts):
+            raise ValueError(f"field type {value!r} is empty or malformed; e.g. 'regular+quo_4'.")
         out = []
         for p in parts:
             mult, _, name = p.rpartition("*")
             out.append((name.strip(), int(mult) if mult else 1))
         return tuple(out)
     try:
-        unit = tuple((str(name), int(mult)) for name, mult in spec)
+        unit = tuple((str(name), int(mult)) for name, mult in value)
     except (TypeError, ValueError):
         raise ValueError(
-            f"field type {spec!r} is not a string like 'regular+quo_4' nor a tuple of "
+            f"field type {value!r} is not a string like 'regular+quo_4' nor a tuple of "
             "(representation, multiplicity) pairs."
         ) from None
     if not unit:
