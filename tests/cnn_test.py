@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import tempfile
 
 import jax
 import jax.flatten_util
@@ -20,11 +19,6 @@ from neural_epdo_jax.train.loop import train_and_evaluate
 from neural_epdo_jax.train.state import create_model
 
 R_GAUSS_PARAMETERS = 234_186  # the reference's count (tests/models_test.py checks ours)
-
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
 
 
 def _count(model):

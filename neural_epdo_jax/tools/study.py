@@ -182,27 +182,27 @@ def expand(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds {tuple(seeds)} repeat a seed.")
     names, out = set(), []
-    for i, spec in enumerate(runs):
-        spec = dict(spec)
-        what = f"run {i} ({spec.get('name', 'unnamed')!r})"
-        if set(spec) - RUN_KEYS or not {"name", "config"} <= set(spec):
+    for i, entry in enumerate(runs):
+        entry = dict(entry)
+        what = f"run {i} ({entry.get('name', 'unnamed')!r})"
+        if set(entry) - RUN_KEYS or not {"name", "config"} <= set(entry):
             raise StudyError(
-                f"{what}: keys {sorted(spec)}; a run is dict(name=..., config=..., overrides=...)."
+                f"{what}: keys {sorted(entry)}; a run is dict(name=..., config=..., overrides=...)."
             )
-        name = str(spec["name"])
+        name = str(entry["name"])
         if not _NAME.match(name):
             raise StudyError(f"{what}: the name must be letters, digits, '_.+-' (a directory).")
         if name in names:
             raise StudyError(f"{what}: the name {name!r} is used twice.")
         names.add(name)
-        overrides = flatten_overrides(dict(spec.get("overrides") or {}))
+        overrides = flatten_overrides(dict(entry.get("overrides") or {}))
         if "seed" in overrides:
             raise StudyError(f"{what}: the seed comes from the study's `seeds`, not an override.")
         try:
-            load_config(spec["config"], overrides)
+            load_config(entry["config"], overrides)
         except StudyError as e:
             raise StudyError(f"{what}: {e}") from None
-        out += [Run(name, spec["config"], overrides, s, workdir) for s in seeds]
+        out += [Run(name, entry["config"], overrides, s, workdir) for s in seeds]
     return out
 
 

@@ -19,10 +19,6 @@ from neural_epdo_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
 
 # One training step (SGD, so that the update shows the gradient's scale; bilinear
 # augmentation and dropout on; a padded batch) and one evaluation on one device and on two.

@@ -17,12 +17,6 @@ from neural_epdo_jax import models, testing
 from neural_epdo_jax.core import fields, groups
 from neural_epdo_jax.tools import export
 
-# Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
-
 O0 = {"xla_backend_optimization_level": 0}  # one-off compiles: compile time dominates
 
 # Small versions of the paper's variants: same structure (group, field type, g, s, reduction,

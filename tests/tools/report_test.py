@@ -27,12 +27,6 @@ from neural_epdo_jax.train.state import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
-
 
 def tiny_config():
     """configs/test.py (3x3 stencils of order 2, two fields per block) on D8: blocks 1-5

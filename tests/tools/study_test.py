@@ -29,12 +29,6 @@ from neural_epdo_jax.train.state import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
-
 
 def _env():
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}

@@ -30,11 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EPOCHS = 4  # 3 steps each
 TIMEOUT_S = 300
 
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
-
 
 def _gloo_missing() -> str | None:
     """Why two CPU processes cannot run collectives here, or None."""

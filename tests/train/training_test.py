@@ -55,12 +55,6 @@ from neural_epdo_jax.train.steps import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Compiled executables are shared by the tests' runs and subprocesses (and kept for reruns).
-if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "neural_epdo_jax_tests")
-    )
-
 
 class _TinyNet(nn.Module):
     """A few-parameter CNN with the model's interface, for fast step tests."""
