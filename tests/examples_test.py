@@ -13,12 +13,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_example(name):
-    spec = importlib.util.spec_from_file_location(
+    module_spec = importlib.util.spec_from_file_location(
         name, os.path.join(REPO, "examples", f"{name}.py")
     )
-    module = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses (Flax modules) look their module up there
-    spec.loader.exec_module(module)
+    module_spec.loader.exec_module(module)
     return module
 
 

@@ -218,7 +218,7 @@ def jit_data_parallel(
         return jax.jit(step, donate_argnums=donate, compiler_options=step_compiler_options())
     mesh = sharding.mesh
     (axis,) = mesh.axis_names
-    spec = jax.sharding.PartitionSpec
+    partition = jax.sharding.PartitionSpec
 
     def per_device(state, batch, *rest):
         # check_vma=False: the step sums over the axis itself (psum), and its psums of
@@ -226,8 +226,8 @@ def jit_data_parallel(
         return jax.shard_map(
             functools.partial(step, axis_name=axis),
             mesh=mesh,
-            in_specs=(spec(), spec(axis)) + (spec(),) * len(rest),
-            out_specs=spec(),
+            in_specs=(partition(), partition(axis)) + (partition(),) * len(rest),
+            out_specs=partition(),
             check_vma=False,
         )(state, batch, *rest)
 

@@ -120,7 +120,7 @@ class ReportTest(absltest.TestCase):
 
     def test_interpolated_rotations_are_measured(self):
         # Bilinear interpolation on both sides: not zero, but far from an unrelated map
-        # (relative error ~1.4). The bound is loose on purpose: a measurement, not a spec.
+        # (relative error ~1.4). The bound is loose on purpose: a measurement, not a guarantee.
         for row in self.report["equivariance"]:
             interp = [r["error"] for r in row["rotations"] if not r["exact"]]
             self.assertTrue(np.all(np.isfinite(interp)))
